@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic default, State-style TOML splits, cell-set sampling, the DataModule."""
