@@ -103,6 +103,14 @@ class ModelConfig:
     confidence_token: bool = False  # append a token that predicts the set's loss
     decoder_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # gene decoder MLP widths
     decoder_loss_weight: float = 1.0  # weight of the gene-decoder loss when a decoder exists
+    # -- State architecture details (the model owner's fields; load_state_run fills them from a State run)
+    n_decoder_layers: int = 1  # Linear layers in project_out (State: n_decoder_layers); 1 = one Linear
+    activation: str = "gelu"  # activation inside encoder/project_out MLPs with >1 layer (State: activation)
+    decoder_dropout: float = 0.1  # dropout in the gene decoder MLP (State: decoder_dropout)
+    attention_dropout: float = 0.0  # dropout on attention weights (State: backbone attention_dropout)
+    embed_vocab_size: int = 32000  # rows of the unused, frozen token embedding State keeps; matches its keys
+    output_relu: bool = False  # clamp predictions at 0 (State does when it has no gene decoder or uses X_hvg)
+    final_down_then_up: bool = False  # State's output_space=all head: residual in input space, then D->D/8->D
     softplus: bool = True  # non-negative decoded expression
     loss: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
     blur: float = 0.05  # sinkhorn blur (ignored by energy)

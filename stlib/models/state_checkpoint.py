@@ -1,0 +1,324 @@
+"""Read a `state tx train` run dir (or a .ckpt inside one) into a ready StateTransitionModel.
+
+Users start from State runs (ST-Tahoe, their own): ``config.yaml``, ``checkpoints/*.ckpt`` (Lightning:
+``state_dict`` + ``hyper_parameters``), ``pert_onehot_map.pt``, ``cell_type_onehot_map.torch``,
+``batch_onehot_map.torch``, ``var_dims.pkl``. Everything is read without executing code from the files:
+checkpoints with ``weights_only=True``, maps through :func:`stlib.data.maps.load_map` (numpy scalar types
+allow-listed), ``var_dims.pkl`` with an Unpickler that only rebuilds builtins and numpy arrays/scalars.
+
+State's options are translated into our :class:`ModelConfig`; options that change the architecture in a
+way we do not implement raise :class:`StateCheckpointError` naming the option. Loading is strict: every
+tensor must find its parameter and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from stlib.config import LOSSES, ConfigError, ModelConfig, config_from_dict
+from stlib.data.maps import BATCH_MAP_FILE, CELL_TYPE_MAP_FILE, PERT_MAP_FILE, load_map
+from stlib.models.state_transition import StateTransitionModel
+
+VAR_DIMS_FILE = "var_dims.pkl"
+CHECKPOINT_PREFERENCE = ("final.ckpt", "last.ckpt")
+DATA_OVERRIDE_KEYS = ("embed_key", "pert_col", "control_pert", "cell_type_key", "batch_col", "output_space")
+
+# State's `transformer_backbone_kwargs` (HF LlamaConfig names) -> our ModelConfig fields.
+BACKBONE_KEYS = {
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "attention_dropout": "attention_dropout",
+    "vocab_size": "embed_vocab_size",
+}
+# State's model kwargs copied as they are (same meaning, maybe another name).
+MODEL_KEYS = {
+    "hidden_dim": "hidden_dim",
+    "cell_set_len": "cell_set_len",
+    "n_encoder_layers": "n_encoder_layers",
+    "n_decoder_layers": "n_decoder_layers",
+    "activation": "activation",
+    "dropout": "dropout",
+    "predict_residual": "predict_residual",
+    "batch_encoder": "batch_encoder",
+    "confidence_token": "confidence_token",
+    "blur": "blur",
+    "decoder_weight": "decoder_loss_weight",
+}
+# Options whose non-default value changes the network in a way we do not implement: {key: the value we support}.
+UNSUPPORTED = {
+    "transformer_backbone_key": "llama",
+    "use_batch_token": False,
+    "batch_predictor": False,
+    "mask_attn": False,
+    "transformer_decoder": False,
+    "finetune_vci_decoder": False,
+    "residual_decoder": False,
+    "use_effect_gating_token": False,
+    "use_basal_projection": True,
+    "predict_mean": False,
+}
+# LlamaConfig choices our backbone hard-codes: {key: the value we implement}.
+BACKBONE_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+class StateCheckpointError(ValueError):
+    """A State run we cannot load as it is; the message names the file/option and what was expected."""
+
+
+@dataclass
+class StateRun:
+    model: StateTransitionModel  # eval mode, strictly loaded
+    model_cfg: ModelConfig
+    data_overrides: dict  # DataConfig fields from State's data.kwargs
+    pert_map: dict[str, int]
+    cell_type_map: dict[str, int]
+    batch_map: dict[str, int]
+    var_dims: dict
+    gene_names: list[str] | None
+    checkpoint_path: Path
+
+
+# --------------------------------------------------------------------------------------------- files
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds builtins containers/scalars and numpy arrays/scalars; anything else is refused."""
+
+    ALLOWED = {
+        ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool",
+                                  "complex", "bytes", "bytearray", "slice", "range")
+    } | {
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")
+    } | {("numpy", "dtype"), ("numpy", "ndarray")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only builtins and numpy arrays are allowed)")
+
+
+def read_var_dims(path: str | Path) -> dict:
+    """var_dims.pkl -> dict, names as plain str."""
+    with open(path, "rb") as fh:
+        try:
+            raw = _RestrictedUnpickler(fh).load()
+        except pickle.UnpicklingError as exc:
+            raise StateCheckpointError(f"{path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise StateCheckpointError(f"{path} holds {type(raw).__name__}, expected a dict of dimensions")
+    out = dict(raw)
+    for key in ("gene_names", "pert_names"):
+        if out.get(key) is not None:
+            out[key] = [str(x) for x in out[key]]
+    return out
+
+
+def _resolve(path: str | Path, checkpoint: str | None) -> tuple[Path, Path]:
+    """(run dir, checkpoint file): explicit name, else final.ckpt, else last.ckpt, else the newest .ckpt."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise StateCheckpointError(f"{path} is neither a State run dir nor a .ckpt file")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if not path.is_dir():
+        raise StateCheckpointError(f"State run dir not found: {path}")
+    ckpt_dir = path / "checkpoints"
+    if checkpoint is not None:
+        for cand in (Path(checkpoint), ckpt_dir / checkpoint, path / checkpoint):
+            if cand.is_file():
+                return path, cand
+        have = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
+        raise StateCheckpointError(f"checkpoint {checkpoint!r} not found in {ckpt_dir}; available: {have}")
+    for name in CHECKPOINT_PREFERENCE:
+        if (ckpt_dir / name).is_file():
+            return path, ckpt_dir / name
+    ckpts = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise StateCheckpointError(f"no .ckpt in {ckpt_dir} (expected final.ckpt, last.ckpt or any *.ckpt)")
+    return path, ckpts[-1]
+
+
+def is_state_run_dir(path: str | Path) -> bool:
+    """A `state tx train` output dir: config.yaml, var_dims.pkl, pert_onehot_map.pt and checkpoints/."""
+    p = Path(path)
+    return all((p / f).is_file() for f in ("config.yaml", VAR_DIMS_FILE, PERT_MAP_FILE)) and (p / "checkpoints").is_dir()
+
+
+# --------------------------------------------------------------------------------------------- config
+
+def _state_model_kwargs(config: dict, hparams: dict) -> dict:
+    """State's model kwargs: config.yaml `model.kwargs`, falling back on the checkpoint's hyper_parameters."""
+    kwargs = dict(hparams)
+    kwargs.update((config.get("model") or {}).get("kwargs") or {})
+    return kwargs
+
+
+def _check_supported(kw: dict, backbone: dict) -> None:
+    for key, ok in UNSUPPORTED.items():
+        if key in kw and kw[key] != ok and not (ok is False and kw[key] is None):
+            raise StateCheckpointError(f"State option model.kwargs.{key}={kw[key]!r} is not supported "
+                                       f"(stlib implements {key}={ok!r})")
+    for key, ok in BACKBONE_FIXED.items():
+        if key in backbone and backbone[key] != ok:
+            raise StateCheckpointError(f"State option model.kwargs.transformer_backbone_kwargs.{key}="
+                                       f"{backbone[key]!r} is not supported (stlib implements {ok!r})")
+    if (kw.get("lora") or {}).get("enable"):
+        raise StateCheckpointError("State option model.kwargs.lora.enable=true is not supported: merge the adapters "
+                                   "into the backbone (peft merge_and_unload) and save a plain checkpoint first")
+
+
+def model_config_from_state(kw: dict, gene_decoder: dict | None, embed_key: str | None) -> ModelConfig:
+    """Translate State's model kwargs (+ its decoder_cfg) into our ModelConfig."""
+    backbone = dict(kw.get("transformer_backbone_kwargs") or {})
+    _check_supported(kw, backbone)
+    fields: dict[str, Any] = {ours: kw[theirs] for theirs, ours in MODEL_KEYS.items() if kw.get(theirs) is not None}
+    fields.update({ours: backbone[theirs] for theirs, ours in BACKBONE_KEYS.items() if backbone.get(theirs) is not None})
+    size = backbone.get("hidden_size")
+    if size is not None and size != fields.setdefault("hidden_dim", size):
+        raise StateCheckpointError(f"State run has hidden_dim={fields['hidden_dim']} but transformer_backbone_kwargs"
+                                   f".hidden_size={size}; stlib needs them equal")
+    loss = kw.get("loss", "energy")
+    if loss in LOSSES:
+        fields["loss"] = loss
+    else:
+        warnings.warn(f"State loss {loss!r} has no stlib equivalent ({', '.join(LOSSES)}); using 'energy' for "
+                      "fine-tuning (the model itself is unaffected)", stacklevel=3)
+    if gene_decoder is not None:
+        fields["decoder_hidden"] = list(gene_decoder.get("hidden_dims", ModelConfig().decoder_hidden))
+        if gene_decoder.get("dropout") is not None:
+            fields["decoder_dropout"] = gene_decoder["dropout"]
+    fields["softplus"] = False  # State's decoder ends in ReLU whatever its `softplus` key says
+    # State clamps predictions at 0 when it has no gene decoder, or when it works in HVG space
+    fields["output_relu"] = gene_decoder is None or embed_key in (None, "X_hvg")
+    try:
+        return ModelConfig(**fields)
+    except (ConfigError, TypeError) as exc:
+        raise StateCheckpointError(f"State model options do not make a valid stlib model: {exc}") from None
+
+
+def _decoder_cfg_from_weights(state: dict[str, torch.Tensor]) -> dict:
+    """decoder_cfg read off `gene_decoder.decoder.{0,4,8,...}.weight` (Linear every 4 modules, last one 2 apart)."""
+    linears = sorted(
+        (int(k.split(".")[2]), v.shape) for k, v in state.items()
+        if k.startswith("gene_decoder.decoder.") and k.endswith(".weight") and v.dim() == 2
+    )
+    return {"latent_dim": linears[0][1][1], "gene_dim": linears[-1][1][0],
+            "hidden_dims": [shape[0] for _, shape in linears[:-1]]}
+
+
+def _stlib_model_config(config: dict) -> ModelConfig:
+    """An stlib-style config.yaml (flat `model.hidden_dim` keys)."""
+    try:
+        return config_from_dict({"model": config.get("model") or {}}).model
+    except ConfigError as exc:
+        raise StateCheckpointError(f"config.yaml: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+
+
+def load_state_dict_strictly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict(strict=True), but a mismatch names every missing/unexpected key and shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys (in the model, not in the checkpoint): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes}")
+        raise StateCheckpointError(f"{source} does not match the model its config describes; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
+    """State run dir (or a .ckpt inside one) -> StateRun with the model strictly loaded, in eval mode."""
+    run_dir, ckpt_path = _resolve(path, checkpoint)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        raise StateCheckpointError(f"cannot read {ckpt_path} as a weights-only checkpoint: {exc}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise StateCheckpointError(f"{ckpt_path} has no 'state_dict' (expected a Lightning checkpoint)")
+    state: dict[str, torch.Tensor] = ckpt["state_dict"]
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    config = _read_yaml(run_dir / "config.yaml")
+    var_dims = read_var_dims(run_dir / VAR_DIMS_FILE) if (run_dir / VAR_DIMS_FILE).is_file() else {}
+
+    data_kwargs = dict((config.get("data") or {}).get("kwargs") or config.get("data") or {})
+    for key in ("embed_key", "output_space", "control_pert"):
+        if key not in data_kwargs and key in hparams:
+            data_kwargs[key] = hparams[key]
+    data_overrides = {k: data_kwargs[k] for k in DATA_OVERRIDE_KEYS if k in data_kwargs}
+
+    def dim(name: str) -> int | None:
+        value = hparams.get(name, var_dims.get(name))
+        return None if value is None else int(value)
+
+    input_dim, output_dim, pert_dim = dim("input_dim"), dim("output_dim"), dim("pert_dim")
+    if input_dim is None or pert_dim is None:
+        raise StateCheckpointError(f"{run_dir}: input_dim/pert_dim not found in the checkpoint's hyper_parameters "
+                                   f"or {VAR_DIMS_FILE}")
+    if output_dim is not None and output_dim != input_dim:
+        raise StateCheckpointError(f"State run maps {input_dim}-d input to {output_dim}-d output; stlib predicts in "
+                                   "the input space (input_dim == output_dim)")
+
+    model_section = config.get("model") or {}
+    is_state_config = "kwargs" in model_section or not model_section
+    gene_decoder = hparams.get("decoder_cfg") if hparams.get("gene_decoder_bool", True) is not False else None
+    if gene_decoder is None and "gene_decoder.decoder.0.weight" in state:
+        gene_decoder = _decoder_cfg_from_weights(state)  # older State runs rebuild the decoder without a cfg
+    if is_state_config:
+        kw = _state_model_kwargs(config, hparams)
+        model_cfg = model_config_from_state(kw, gene_decoder, data_overrides.get("embed_key"))
+        if data_overrides.get("output_space") == "all":
+            model_cfg = dataclasses.replace(model_cfg, final_down_then_up=True)
+    else:
+        model_cfg = _stlib_model_config(config)
+    gene_dim = None
+    if gene_decoder is not None:
+        if gene_decoder.get("latent_dim", input_dim) != input_dim:
+            raise StateCheckpointError(f"State decoder_cfg.latent_dim={gene_decoder['latent_dim']} differs from the "
+                                       f"model's output_dim={input_dim}")
+        gene_dim = int(gene_decoder["gene_dim"])
+    n_batches = dim("batch_dim") if model_cfg.batch_encoder else None
+
+    try:
+        model = StateTransitionModel(model_cfg, input_dim=input_dim, pert_dim=pert_dim, gene_dim=gene_dim,
+                                     n_batches=n_batches)
+    except ValueError as exc:
+        raise StateCheckpointError(f"{run_dir}: {exc}") from None
+    load_state_dict_strictly(model, state, ckpt_path)
+    model.eval()
+
+    maps = {}
+    for name, fname in (("pert", PERT_MAP_FILE), ("cell_type", CELL_TYPE_MAP_FILE), ("batch", BATCH_MAP_FILE)):
+        maps[name] = load_map(run_dir / fname) if (run_dir / fname).is_file() else {}
+    gene_names = var_dims.get("gene_names") or hparams.get("gene_names")
+    return StateRun(
+        model=model, model_cfg=model_cfg, data_overrides=data_overrides, pert_map=maps["pert"],
+        cell_type_map=maps["cell_type"], batch_map=maps["batch"], var_dims=var_dims,
+        gene_names=[str(g) for g in gene_names] if gene_names is not None else None, checkpoint_path=ckpt_path,
+    )

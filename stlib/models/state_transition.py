@@ -1,0 +1,211 @@
+"""The State Transition (ST) model: a set of control cells + a perturbation -> the perturbed set.
+
+Arc Institute's *State* (Adduri et al., bioRxiv 2025.06.26.661135) encodes each control ("basal") cell and
+its perturbation into one hidden vector (two MLPs, summed), lets the cells of a set attend to each other
+in a bidirectional LLaMA transformer (no positions: a set has no order), and projects back to the input
+space. With ``predict_residual`` the basal encoding is added back before the projection, so the network
+learns a shift. An optional gene decoder maps predicted cells to expression.
+
+Attribute names equal State's checkpoint prefixes (``pert_encoder``, ``basal_encoder``,
+``transformer_backbone``, ``project_out``, ``gene_decoder``, ``batch_encoder``, ``confidence_token``,
+``final_down_then_up``) so a State run's ``state_dict`` loads strictly (see ``state_checkpoint.py``); the
+layer layouts (Linear/activation/dropout order, LayerNorm+GELU decoder ending in ReLU) were read off a
+State checkpoint and checked numerically against State's own forward pass.
+
+Shapes: B sets, S cells per set, D input/output width (embedding or genes the model works in),
+P perturbation encoding width, H hidden width, G decoded genes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from stlib.config import ModelConfig
+from stlib.models.backbone import SetTransformer
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "leakyrelu": nn.LeakyReLU,
+}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"model.activation={name!r} is not one of {', '.join(ACTIVATIONS)}") from None
+
+
+def build_mlp(in_dim: int, out_dim: int, hidden_dim: int, n_linear: int, dropout: float, activation: str) -> nn.Sequential:
+    """`n_linear` Linear layers with activation + dropout between them (State's encoder layout; 1 = one Linear)."""
+    if n_linear < 1:
+        raise ValueError(f"an encoder/decoder MLP needs >= 1 Linear layer, got {n_linear}")
+    act = activation_class(activation)
+    dims = [in_dim] + [hidden_dim] * (n_linear - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(a, b))
+        if i < n_linear - 1:
+            layers += [act(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class GeneDecoder(nn.Module):
+    """Predicted cells -> expression: (Linear, LayerNorm, GELU, Dropout) per hidden width, Linear, ReLU/Softplus.
+
+    State ends with ReLU whatever its ``softplus`` key says; ``softplus=True`` here is stlib's smoother choice
+    for models trained from scratch (``load_state_run`` sets it False).
+    """
+
+    def __init__(self, latent_dim: int, gene_dim: int, hidden: list[int], dropout: float, softplus: bool):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = latent_dim
+        for width in hidden:
+            layers += [nn.Linear(d, width), nn.LayerNorm(width), nn.GELU(), nn.Dropout(dropout)]
+            d = width
+        layers += [nn.Linear(d, gene_dim), nn.Softplus() if softplus else nn.ReLU()]
+        self.decoder = nn.Sequential(*layers)
+        self.gene_dim = gene_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., G]."""
+        return self.decoder(x)
+
+
+class ConfidenceToken(nn.Module):
+    """A learned token appended to each set; its output predicts the set's loss (State's confidence head)."""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.confidence_token = nn.Parameter(torch.randn(1, 1, hidden))
+        h2, h4 = hidden // 2, hidden // 4
+        self.confidence_projection = nn.Sequential(
+            nn.Linear(hidden, h2), nn.LayerNorm(h2), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(h2, h4), nn.LayerNorm(h4), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(h4, 1), nn.ReLU(),
+        )
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] -> [B, S+1, H]."""
+        return torch.cat([x, self.confidence_token.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
+
+    def split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S+1, H] -> cells [B, S, H], predicted loss [B]."""
+        return h[:, :-1], self.confidence_projection(h[:, -1]).squeeze(-1)
+
+
+class StateTransitionModel(nn.Module):
+    """Set-to-set perturbation model; every option comes from :class:`ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, input_dim: int, pert_dim: int, gene_dim: int | None = None,
+                 n_batches: int | None = None):
+        super().__init__()
+        self.cfg, self.input_dim, self.pert_dim, self.gene_dim = cfg, input_dim, pert_dim, gene_dim
+        h = cfg.hidden_dim
+        self.pert_encoder = build_mlp(pert_dim, h, h, cfg.n_encoder_layers, cfg.dropout, cfg.activation)
+        self.basal_encoder = build_mlp(input_dim, h, h, cfg.n_encoder_layers, cfg.dropout, cfg.activation)
+        self.transformer_backbone = SetTransformer(cfg)
+        self.project_out = build_mlp(h, input_dim, h, cfg.n_decoder_layers, cfg.dropout, cfg.activation)
+        self.final_down_then_up = None
+        if cfg.final_down_then_up:
+            if input_dim < 8:
+                raise ValueError(f"model.final_down_then_up needs input_dim >= 8 (it squeezes D to D/8), got {input_dim}")
+            self.final_down_then_up = nn.Sequential(
+                nn.Linear(input_dim, input_dim // 8), nn.GELU(), nn.Linear(input_dim // 8, input_dim)
+            )
+        self.gene_decoder = None
+        if gene_dim is not None:
+            self.gene_decoder = GeneDecoder(input_dim, gene_dim, list(cfg.decoder_hidden), cfg.decoder_dropout,
+                                            cfg.softplus)
+        self.batch_encoder = None
+        if cfg.batch_encoder:
+            if not n_batches:
+                raise ValueError("model.batch_encoder=true needs the number of batches (n_batches); "
+                                 "set data.batch_col to a column with batches, or model.batch_encoder=false")
+            self.batch_encoder = nn.Embedding(n_batches, h)
+        self.confidence_token = ConfidenceToken(h, cfg.dropout) if cfg.confidence_token else None
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
+        """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long) -> dict(pred, genes, confidence, hidden)."""
+        if basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
+            raise ValueError(f"expected basal [B, S, D] and pert [B, S, P] with the same B, S; "
+                             f"got {tuple(basal.shape)} and {tuple(pert.shape)}")
+        basal_hidden = self.basal_encoder(basal)  # [B, S, H]
+        x = self.pert_encoder(pert) + basal_hidden
+        if self.batch_encoder is not None:
+            if batch_index is None:
+                raise ValueError("this model has a batch encoder: pass batch_index [B, S]")
+            x = x + self.batch_encoder(batch_index.long())
+        if self.confidence_token is not None:
+            x = self.confidence_token.append(x)
+        h = self.transformer_backbone(x)
+        confidence = None
+        if self.confidence_token is not None:
+            h, confidence = self.confidence_token.split(h)
+
+        if self.cfg.predict_residual and self.final_down_then_up is not None:
+            pred = self.final_down_then_up(self.project_out(h) + basal)  # State's output_space=all variant
+        elif self.cfg.predict_residual:
+            pred = self.project_out(h + basal_hidden)  # the shift is learned in hidden space
+        else:
+            pred = self.project_out(h)
+        if self.cfg.output_relu:
+            pred = torch.relu(pred)
+        genes = self.gene_decoder(pred) if self.gene_decoder is not None else None
+        return {"pred": pred, "genes": genes, "confidence": confidence, "hidden": h}
+
+    @torch.no_grad()
+    def predict_sets(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
+        """Inference: eval mode (no dropout), no autograd; the previous train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward(basal, pert, batch_index)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------ surgery
+    def extend_perturbations(self, new_pert_dim: int, new_columns: torch.Tensor | None = None) -> None:
+        """Grow the perturbation encoder's input from pert_dim to new_pert_dim columns, keeping the old ones.
+
+        Fine-tuning meets perturbations the base never saw. A one-hot for an old perturbation is zero in the
+        new columns, so old outputs stay identical. New columns default to the mean of the old ones: a
+        "generic perturbation" the fine-tune starts from instead of random noise. ``new_columns`` [H_out, n_new]
+        sets them explicitly. Call before wrapping the model with adapters (LoRA, modules_to_save).
+        """
+        first = self.pert_encoder[0]
+        if not isinstance(first, nn.Linear):
+            raise TypeError(f"pert_encoder[0] is {type(first).__name__}, expected nn.Linear (apply adapters after "
+                            "extend_perturbations)")
+        old = first.in_features
+        if new_pert_dim < old:
+            raise ValueError(f"new_pert_dim={new_pert_dim} is smaller than the current pert_dim={old}")
+        if new_pert_dim == old:
+            return
+        n_new = new_pert_dim - old
+        w = first.weight.detach()
+        if new_columns is None:
+            new_columns = w.mean(dim=1, keepdim=True).expand(-1, n_new)
+        if tuple(new_columns.shape) != (w.shape[0], n_new):
+            raise ValueError(f"new_columns must have shape {(w.shape[0], n_new)} ([out_features, n_new]), "
+                             f"got {tuple(new_columns.shape)}")
+        grown = nn.Linear(new_pert_dim, first.out_features, bias=first.bias is not None,
+                          device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            grown.weight.copy_(torch.cat([w, new_columns.to(w)], dim=1))
+            if first.bias is not None:
+                grown.bias.copy_(first.bias)
+        grown.weight.requires_grad_(first.weight.requires_grad)
+        if first.bias is not None:
+            grown.bias.requires_grad_(first.bias.requires_grad)
+        self.pert_encoder[0] = grown
+        self.pert_dim = new_pert_dim
