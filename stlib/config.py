@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -35,13 +36,13 @@ class DataConfig:
     pert_col: str = "condition"  # obs column naming each cell's perturbation
     control_pert: str = "Sham"  # value of pert_col for control (basal) cells
     cell_type_key: str = "cell_types_simple_short"  # obs column; a constant column works for one cell line
-    batch_col: Optional[str] = "mouse_id"  # obs column for batches (mice, plates); null = off
-    time_col: Optional[str] = "day"  # obs column with time points, kept in predictions; null = off
+    batch_col: str | None = "mouse_id"  # obs column for batches (mice, plates); null = off
+    time_col: str | None = "day"  # obs column with time points, kept in predictions; null = off
     output_space: str = "embedding"  # embedding | gene | all: "gene"/"all" add a gene decoder
-    gene_layer: Optional[str] = "log1p"  # layer with log-normalised expression for the decoder; null = X
-    velocity_key: Optional[str] = None  # obsm key of velocity in the model's space; null = velocity_<embed_key>
+    gene_layer: str | None = "log1p"  # layer with log-normalised expression for the decoder; null = X
+    velocity_key: str | None = None  # obsm key of velocity in the model's space; null = velocity_<embed_key>
     velocity_confidence_key: str = "velocity_confidence"  # obs column weighting the velocity loss
-    perturbation_features_file: Optional[str] = None  # .pt dict {name: vector}; null = one-hot
+    perturbation_features_file: str | None = None  # .pt dict {name: vector}; null = one-hot
     small_group: str = "replace"  # group smaller than cell_set_len: "replace" samples with replacement, "error"
     sets_per_group: int = 8  # cell sets drawn per (cell type, perturbation, batch) group per validation pass
     num_workers: int = 0  # DataLoader workers; 0 is fastest for in-memory data
@@ -92,8 +93,8 @@ class ModelConfig:
     cell_set_len: int = 64  # cells per set ("cell sentence")
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # attention heads
-    head_dim: Optional[int] = None  # per-head width; null = hidden_dim // n_heads
-    n_kv_heads: Optional[int] = None  # key/value heads; null = n_heads
+    head_dim: int | None = None  # per-head width; null = hidden_dim // n_heads
+    n_kv_heads: int | None = None  # key/value heads; null = n_heads
     intermediate_size: int = 512  # transformer MLP width
     n_encoder_layers: int = 1  # hidden layers in the basal/perturbation encoder MLPs (State: 1)
     dropout: float = 0.0  # dropout in encoders and attention
@@ -114,7 +115,7 @@ class ModelConfig:
     softplus: bool = True  # non-negative decoded expression
     loss: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
     blur: float = 0.05  # sinkhorn blur (ignored by energy)
-    init_from: Optional[str] = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch
+    init_from: str | None = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch
     lora: LoraConfig = field(default_factory=LoraConfig)
     use_mhc: bool = False  # manifold-constrained hyper-connections around every block
     mhc: MHCConfig = field(default_factory=MHCConfig)
@@ -165,7 +166,7 @@ class TrainingConfig:
     strategy: str = "auto"  # Lightning strategy: "auto", "ddp", ...
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", ...
     seed: int = 42
-    num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    num_threads: int | None = None  # torch CPU threads; null = torch's default
     progress_bar: bool = True
 
 

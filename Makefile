@@ -1,0 +1,37 @@
+# stlib — two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv first.
+# GPU users: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+STEPS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stlib-installed
+
+.PHONY: setup demo test bench lint clean-results
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: an unpinned torch pulled in by a dependency can be a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m stlib demo $(if $(STEPS),--max-steps $(STEPS),)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+lint: setup
+	$(BIN)/ruff check stlib tests benchmarks
+
+# Generated outputs only (runs, predictions, figures, logs, scripts); data/ and .venv stay.
+clean-results:
+	rm -rf results/runs results/predictions results/executed results/*.png results/*.csv logs/*.log train_scripts/*.sh

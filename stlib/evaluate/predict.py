@@ -1,0 +1,192 @@
+"""Predict the perturbed cells of a split and write them beside their real counterparts.
+
+For every non-control group of the split (cell type × perturbation [× batch], split further by time point),
+control cells of the same cell type (and time point where it has controls) are fed through the model in sets
+of `cell_set_len`; as many cells are predicted as the real group has. Two files are written side by side,
+in the layout cell-eval 0.8 reads: `<name>_pred.h5ad` (predicted perturbed cells + the real controls) and
+`<name>_real.h5ad` (real perturbed cells + the same controls); see :mod:`stlib.evaluate.layout`.
+
+X holds decoded genes (log1p, real gene names) when the model has a gene decoder, else the embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
+from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
+from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY
+from stlib.models.loading import LoadedModel, load_any
+
+
+def _config_for(loaded: LoadedModel, data_overrides: Sequence[str]) -> Config:
+    if loaded.config is not None:
+        base = config_to_dict(loaded.config)
+    else:  # a State run dir: its data settings, our defaults for the rest
+        base = {"data": {k: v for k, v in loaded.data_overrides.items() if v is not None},
+                "model": {"cell_set_len": loaded.model_cfg.cell_set_len}}
+    for key, value in parse_overrides(data_overrides).items():
+        if not key.startswith("data."):
+            raise ValueError(f"predict takes data.* overrides only, got {key!r}")
+        base.setdefault("data", {})[key[5:]] = value
+    return config_from_dict(base)
+
+
+def _time_slices(group: Group, times: np.ndarray | None, ctrl_times: np.ndarray | None):
+    """(time, target rows, basal rows) per time point of a group; basal from that time point when possible."""
+    if times is None:
+        yield group.time, group.obs_indices, group.basal_indices
+        return
+    for t in pd.unique(times[group.obs_indices]):
+        target = group.obs_indices[times[group.obs_indices] == t]
+        basal = group.basal_indices[ctrl_times[group.basal_indices] == t]
+        yield t, target, (basal if len(basal) else group.basal_indices)
+
+
+def _train_mean_shift(dm: PerturbationDataModule, matrix, control: str) -> dict[str, np.ndarray]:
+    """Per perturbation: mean over training cell types of (perturbed mean − control mean), [G]."""
+    labels = dm.split_labels
+    obs = dm.adata.obs
+    pert = obs[dm.data_cfg.pert_col].astype(str).to_numpy()
+    cell_type = obs[dm.data_cfg.cell_type_key].astype(str).to_numpy()
+    out = {}
+    for p in sorted(set(pert[labels == "train"]) - {control}):
+        shifts = []
+        for ct in sorted(set(cell_type[(labels == "train") & (pert == p)])):
+            treated = np.flatnonzero((labels == "train") & (pert == p) & (cell_type == ct))
+            ctrl = np.flatnonzero((pert == control) & (cell_type == ct) & (labels != "test"))
+            if len(ctrl):
+                shifts.append(_mean(matrix, treated) - _mean(matrix, ctrl))
+        if shifts:
+            out[p] = np.mean(shifts, axis=0).astype(np.float32)
+    return out
+
+
+def _mean(matrix, rows: np.ndarray) -> np.ndarray:
+    sub = matrix[rows]
+    return np.asarray(sub.mean(axis=0)).ravel() if sp.issparse(sub) else sub.mean(axis=0)
+
+
+def _dense(matrix, rows: np.ndarray) -> np.ndarray:
+    sub = matrix[rows]
+    return np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
+
+
+@torch.no_grad()
+def _predict_slice(model, store, gid: int, target: np.ndarray, basal_pool: np.ndarray, set_len: int,
+                   batch_size: int, rng: np.random.Generator, genes_out: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """As many predicted cells as `target` has, from sets of basal cells drawn from `basal_pool`."""
+    n_sets = math.ceil(len(target) / set_len)
+    basal = draw_rows(basal_pool, n_sets, set_len, rng)
+    tgt = draw_rows(target, n_sets, set_len, rng)  # only fills the batch dict; the model never sees targets
+    emb, genes = [], []
+    for start in range(0, n_sets, batch_size):
+        sl = slice(start, start + batch_size)
+        batch = store.collate(np.full(len(basal[sl]), gid), tgt[sl], basal[sl])
+        out = _forward(model, batch)
+        emb.append(out["pred"].reshape(-1, out["pred"].shape[-1]).float().numpy())
+        if genes_out:
+            genes.append(out["genes"].reshape(-1, out["genes"].shape[-1]).float().numpy())
+    n = len(target)
+    return np.concatenate(emb)[:n], (np.concatenate(genes)[:n] if genes_out else None)
+
+
+def _forward(model, batch: dict) -> dict:
+    predict = getattr(model, "predict_sets", None)
+    args = (batch["basal"], batch["pert"], batch["batch_index"])
+    return predict(*args) if callable(predict) else model(*args)
+
+
+def predict_split(loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16,
+                  seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
+    """(pred, real) AnnData for every non-control group of `split`."""
+    d = cfg.data
+    dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed)
+    dm.setup("predict")
+    groups = [g for g in dm.groups(split) if g.pert != d.control_pert]
+    if not groups:
+        raise ValueError(f"the {split!r} split has no perturbed groups to predict (check the TOML's "
+                         f"[zeroshot]/[fewshot] sections in {d.toml_config_path})")
+    model = loaded.model.eval()
+    store = dm.store
+    obs = dm.adata.obs
+    times = obs[d.time_col].to_numpy() if d.time_col else None
+    genes_out = loaded.dims.get("gene_dim") is not None and store.genes is not None
+    rng = np.random.default_rng(seed)
+
+    emb, genes, rows, ids = [], [], [], []
+    for g in groups:
+        for t, target, basal_pool in _time_slices(g, times, times):
+            e, x = _predict_slice(model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size,
+                                  rng, genes_out)
+            emb.append(e)
+            genes.append(x)
+            rows.append(target)
+            ids += [f"{g.name}@{t}" if t is not None else g.name] * len(target)
+
+    # controls of every predicted cell type, the same real cells in both files
+    ct_col = d.cell_type_key
+    pert = obs[d.pert_col].astype(str).to_numpy()
+    cell_types = {g.cell_type for g in groups}
+    controls = np.flatnonzero((pert == d.control_pert) & obs[ct_col].astype(str).isin(cell_types).to_numpy())
+    perturbed = np.concatenate(rows)
+    all_rows = np.concatenate([controls, perturbed])
+    group_id = np.array(["control"] * len(controls) + ids, dtype=object)
+
+    real_emb = store.embed[all_rows]
+    pred_emb = np.concatenate([store.embed[controls], *emb])
+    if genes_out:
+        real_x = _dense(store.genes, all_rows)
+        pred_x = np.concatenate([_dense(store.genes, controls), *genes])
+        var_names = list(dm.gene_names)
+        space, shift_matrix = "gene", store.genes
+    else:
+        real_x, pred_x = real_emb.copy(), pred_emb.copy()
+        var_names = [f"emb_{i}" for i in range(real_emb.shape[1])]
+        space, shift_matrix = "embedding", store.embed
+
+    keep = [c for c in (d.pert_col, ct_col, d.time_col, d.batch_col, "dataset") if c and c in obs]
+    new_obs = obs.iloc[all_rows][keep].copy()
+    new_obs[GROUP_KEY] = pd.Categorical(group_id.astype(str))
+    new_obs[SOURCE_INDEX_KEY] = all_rows
+    new_obs.index = [f"cell{i}" for i in range(len(all_rows))]
+    settings = {
+        "model": loaded.run_dir.name if loaded.run_dir else "model", "embed_key": d.embed_key,
+        "pert_col": d.pert_col, "control_pert": d.control_pert, "cell_type_key": ct_col, "time_col": d.time_col or "",
+        "batch_col": d.batch_col or "", "space": space, "split": split,
+        "train_mean_shift_X": _train_mean_shift(dm, shift_matrix, d.control_pert),
+        "train_mean_shift_embedding": _train_mean_shift(dm, store.embed, d.control_pert),
+    }
+    var = pd.DataFrame(index=pd.Index(var_names, dtype=str))
+    pred = ad.AnnData(X=pred_x.astype(np.float32), obs=new_obs.copy(), var=var.copy())
+    real = ad.AnnData(X=real_x.astype(np.float32), obs=new_obs.copy(), var=var.copy())
+    pred.obsm[d.embed_key] = pred_emb.astype(np.float32)
+    real.obsm[d.embed_key] = real_emb.astype(np.float32)
+    pred.uns[UNS_KEY] = dict(settings)
+    real.uns[UNS_KEY] = dict(settings)
+    return pred, real
+
+
+def predict_run(run_dir: str | Path, checkpoint: str | None = None, split: str = "test",
+                out_dir: str | Path = "results/predictions", name: str | None = None,
+                data_overrides: Sequence[str] = (), seed: int = 0) -> tuple[Path, Path]:
+    """`stlib predict`: load a run (ours or State's), predict `split`, write <name>_pred/_real.h5ad."""
+    loaded = load_any(run_dir, checkpoint)
+    cfg = _config_for(loaded, data_overrides)
+    pred, real = predict_split(loaded, cfg, split=split, seed=seed)
+    name = name or Path(run_dir).name
+    pred.uns[UNS_KEY]["model"] = real.uns[UNS_KEY]["model"] = name
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path, real_path = out / f"{name}_pred.h5ad", out / f"{name}_real.h5ad"
+    pred.write_h5ad(pred_path)
+    real.write_h5ad(real_path)
+    return pred_path, real_path

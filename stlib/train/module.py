@@ -1,0 +1,160 @@
+"""The LightningModule: model + losses + optimizer + logging, composed (the model itself stays plain torch).
+
+Losses per step: the distributional set loss between predicted and real perturbed sets (``model.loss``),
+the gene-decoder loss when a decoder exists, and the RNA-velocity alignment loss when enabled, weighted by
+a linear warm-up. Everything a comparison needs is logged to TensorBoard under one naming scheme:
+``train/loss``, ``train/<component>``, ``val/loss``, ``train/grad_norm`` (before clipping), ``lr``,
+``perf/cells_per_sec``, ``mhc/*``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from stlib.adapters.lora import base_model
+from stlib.config import Config
+from stlib.losses.distributional import set_loss
+from stlib.losses.velocity import velocity_alignment_loss, velocity_weight
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf: stop before the optimizer step so the last checkpoint stays good."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `max_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(max_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases and 1-d gates are not decayed (decay would shrink them toward zero for no reason)."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name
+
+
+class STLightningModule(L.LightningModule):
+    def __init__(self, model: nn.Module, cfg: Config):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self._last_batch_time: float | None = None
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch["basal"], batch["pert"], batch.get("batch_index"))
+
+    def compute_losses(self, batch: dict, out: dict, step: int) -> dict[str, torch.Tensor]:
+        mcfg = self.cfg.model
+        losses = {mcfg.loss: set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur).mean()}
+        total = losses[mcfg.loss]
+        if out.get("genes") is not None and "target_genes" in batch:
+            losses["gene_loss"] = set_loss(out["genes"], batch["target_genes"], mcfg.loss, mcfg.blur).mean()
+            total = total + mcfg.decoder_loss_weight * losses["gene_loss"]
+        if out.get("confidence") is not None:
+            per_set = set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur).detach()
+            losses["confidence_loss"] = nn.functional.mse_loss(out["confidence"].float(), per_set)
+            total = total + 0.1 * losses["confidence_loss"]
+        if mcfg.use_velocity_alignment:
+            weight = velocity_weight(step, mcfg.velocity_lambda, mcfg.velocity_warmup_steps)
+            losses["velocity_loss"] = velocity_alignment_loss(
+                out["pred"], batch["basal"], batch["basal_velocity"], batch["basal_velocity_confidence"],
+                beta=mcfg.velocity_beta,
+            )
+            losses["velocity_weight"] = torch.tensor(weight)
+            if weight > 0:
+                total = total + weight * losses["velocity_loss"]
+        losses["loss"] = total
+        return losses
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        losses = self.compute_losses(batch, out, self.global_step)
+        if not torch.isfinite(losses["loss"]):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} ({parts}); stopped before the optimizer step — the "
+                f"last checkpoint in checkpoints/ is intact. Try a lower training.lr or model.use_mhc=true."
+            )
+        bs = batch["basal"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=bs, prog_bar=name == "loss")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            cells = bs * batch["basal"].shape[1]
+            self.log("perf/cells_per_sec", cells / max(now - self._last_batch_time, 1e-9), batch_size=bs)
+        self._last_batch_time = now
+        self._log_mhc_stats(bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        losses = self.compute_losses(batch, out, self.global_step)
+        bs = batch["basal"].shape[0]
+        for name, value in losses.items():
+            if name != "velocity_weight":
+                self.log(f"val/{name}", value, batch_size=bs, prog_bar=name == "loss")
+
+    def on_validation_start(self) -> None:
+        self._last_batch_time = None  # validation time is not training throughput
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called before Lightning clips gradients: this is the raw norm, the stability signal we compare.
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def _log_mhc_stats(self, bs: int) -> None:
+        step = self.global_step
+        if step % max(self.cfg.training.log_every_n_steps, 1):
+            return
+        hc = getattr(getattr(base_model(self.model), "transformer_backbone", None), "hyper_connections", None)
+        if hc is None:
+            return
+        for name, value in hc.stability_stats().items():
+            self.log(f"mhc/{name}", float(value), batch_size=bs)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        tcfg = self.cfg.training
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_decay(name, param) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tcfg.lr,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, tcfg.warmup_steps, max(tcfg.max_steps, 1), tcfg.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """RNG state goes into the checkpoint so a resumed run draws the same dropout masks as an unbroken one."""
+        checkpoint["rng_state"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state:
+            torch.set_rng_state(state["torch"])
+            np.random.set_state(state["numpy"])
+            random.setstate(state["python"])
