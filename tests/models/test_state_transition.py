@@ -1,0 +1,149 @@
+"""StateTransitionModel: shapes per output space, batch encoder, confidence token, new perturbations."""
+
+import pytest
+import torch
+
+from stlib.config import ModelConfig
+from stlib.models.state_transition import ACTIVATIONS, StateTransitionModel, build_mlp
+
+B, S, D, P = 2, 8, 12, 3
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = {"hidden_dim": 16, "cell_set_len": S, "n_layers": 2, "n_heads": 4, "intermediate_size": 32,
+                "decoder_hidden": [24, 20], "embed_vocab_size": 10}
+    return ModelConfig(**{**base, **kw})
+
+
+def inputs(b=B, s=S, d=D, p=P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basal = torch.randn(b, s, d, generator=g)
+    pert = torch.nn.functional.one_hot(torch.randint(0, p, (b,), generator=g), p).float()[:, None].expand(b, s, p)
+    return basal, pert.contiguous()
+
+
+# output_space -> (model config changes, gene_dim); mirrors how the data module sizes the decoder
+OUTPUT_SPACES = {
+    "embedding": ({}, None),
+    "gene": ({}, 30),
+    "all": ({"final_down_then_up": True, "n_decoder_layers": 2}, 40),
+}
+
+
+@pytest.mark.parametrize("space", list(OUTPUT_SPACES))
+def test_shapes_per_output_space(space):
+    changes, gene_dim = OUTPUT_SPACES[space]
+    model = StateTransitionModel(tiny_cfg(**changes), input_dim=D, pert_dim=P, gene_dim=gene_dim)
+    out = model(*inputs())
+    assert out["pred"].shape == (B, S, D)
+    assert out["hidden"].shape == (B, S, 16)
+    assert out["confidence"] is None
+    if gene_dim is None:
+        assert out["genes"] is None and model.gene_decoder is None
+    else:
+        assert out["genes"].shape == (B, S, gene_dim)
+        assert (out["genes"] >= 0).all()
+
+
+def test_state_attribute_names():
+    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=5)
+    prefixes = {k.split(".")[0] for k in model.state_dict()}
+    assert prefixes == {"pert_encoder", "basal_encoder", "transformer_backbone", "project_out", "gene_decoder"}
+
+
+def test_encoder_layout_follows_n_layers():
+    mlp = build_mlp(3, 8, 16, 3, 0.1, "gelu")
+    assert [type(m).__name__ for m in mlp] == ["Linear", "GELU", "Dropout"] * 2 + ["Linear"]
+    assert mlp[0].in_features == 3 and mlp[-1].out_features == 8
+    assert len(build_mlp(3, 8, 16, 1, 0.1, "gelu")) == 1
+
+
+def test_unknown_activation_names_options():
+    with pytest.raises(ValueError, match="swish.*gelu"):
+        StateTransitionModel(tiny_cfg(activation="swish", n_encoder_layers=2), input_dim=D, pert_dim=P)
+    assert "relu" in ACTIVATIONS
+
+
+def test_confidence_token_gives_one_value_per_set():
+    model = StateTransitionModel(tiny_cfg(confidence_token=True), input_dim=D, pert_dim=P)
+    out = model(*inputs())
+    assert out["confidence"].shape == (B,) and (out["confidence"] >= 0).all()
+    assert out["pred"].shape == (B, S, D) and out["hidden"].shape == (B, S, 16)
+    assert "confidence_token.confidence_token" in model.state_dict()
+
+
+def test_batch_encoder_changes_outputs_and_needs_indices():
+    torch.manual_seed(0)
+    model = StateTransitionModel(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P, n_batches=3).eval()
+    basal, pert = inputs()
+    a = model(basal, pert, torch.zeros(B, S, dtype=torch.long))["pred"]
+    b = model(basal, pert, torch.full((B, S), 2))["pred"]
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="batch_index"):
+        model(basal, pert)
+    with pytest.raises(ValueError, match="n_batches"):
+        StateTransitionModel(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P)
+
+
+def test_predict_residual_adds_basal_encoding_before_projection():
+    torch.manual_seed(0)
+    res = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).eval()
+    plain = StateTransitionModel(tiny_cfg(predict_residual=False), input_dim=D, pert_dim=P).eval()
+    plain.load_state_dict(res.state_dict())
+    basal, pert = inputs()
+    out_res, out_plain = res(basal, pert), plain(basal, pert)
+    torch.testing.assert_close(out_plain["pred"], res.project_out(out_res["hidden"]))
+    torch.testing.assert_close(out_res["pred"], res.project_out(out_res["hidden"] + res.basal_encoder(basal)))
+
+
+def test_output_relu_clamps_predictions():
+    torch.manual_seed(0)
+    model = StateTransitionModel(tiny_cfg(output_relu=True), input_dim=D, pert_dim=P)
+    pred = model(*inputs())["pred"]
+    assert (pred >= 0).all() and (pred == 0).any()
+
+
+def test_predict_sets_is_deterministic_and_restores_mode():
+    model = StateTransitionModel(tiny_cfg(dropout=0.5, n_encoder_layers=2), input_dim=D, pert_dim=P, gene_dim=4)
+    model.train()
+    basal, pert = inputs()
+    a, b = model.predict_sets(basal, pert), model.predict_sets(basal, pert)
+    torch.testing.assert_close(a["pred"], b["pred"])
+    assert not a["pred"].requires_grad
+    assert model.training
+
+
+def test_extend_perturbations_keeps_old_outputs():
+    torch.manual_seed(0)
+    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=6).eval()
+    basal, pert = inputs()
+    before = model(basal, pert)
+    old_w = model.pert_encoder[0].weight.detach().clone()
+    model.extend_perturbations(P + 2)
+    assert model.pert_dim == P + 2 and model.pert_encoder[0].in_features == P + 2
+    padded = torch.cat([pert, torch.zeros(B, S, 2)], dim=-1)
+    after = model(basal, padded)
+    torch.testing.assert_close(after["pred"], before["pred"])
+    torch.testing.assert_close(after["genes"], before["genes"])
+    new_w = model.pert_encoder[0].weight.detach()
+    torch.testing.assert_close(new_w[:, :P], old_w)
+    torch.testing.assert_close(new_w[:, P], old_w.mean(dim=1))  # the "generic perturbation"
+    assert model.pert_encoder[0].weight.requires_grad
+
+
+def test_extend_perturbations_explicit_columns_and_errors():
+    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
+    cols = torch.arange(16.0)[:, None]
+    model.extend_perturbations(P + 1, cols)
+    torch.testing.assert_close(model.pert_encoder[0].weight[:, P:].detach(), cols)
+    with pytest.raises(ValueError, match="shape"):
+        model.extend_perturbations(P + 3, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="smaller"):
+        model.extend_perturbations(P - 1)
+
+
+def test_forward_rejects_mismatched_inputs():
+    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
+    basal, pert = inputs()
+    with pytest.raises(ValueError, match=r"\[B, S, D\]"):
+        model(basal, pert[:, :5])
