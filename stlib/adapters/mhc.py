@@ -1,0 +1,334 @@
+"""Manifold-constrained hyper-connections (mHC) around the residual branches of a pretrained backbone.
+
+Xie et al., "mHC: Manifold-Constrained Hyper-Connections", arXiv 2512.24880 (Eq. 3, 7-9); parent paper
+Zhu et al., "Hyper-Connections", arXiv 2409.19606. The residual stream is widened to K copies
+("streams"); around every residual branch F (attention or MLP, each with its own pre-norm)
+
+    X <- H_res X + H_post^T F(H_pre X)
+
+with per-token coefficients read from the RMS-normalised flattened streams: one fused matmul per branch
+gives all 2K + K^2 dynamic logits, gated by alpha (init small) on top of static biases. H_pre = sigmoid,
+H_post = 2 sigmoid, H_res = Sinkhorn-Knopp projection onto doubly-stochastic matrices, so the composite
+stream mixing over any depth stays non-expansive.
+
+Fine-tuning a pretrained model needs the wrapped model to *be* the pretrained model at initialisation:
+the dynamic part starts at exactly 0 (phi = 0), static H_pre sums to 1 over streams, H_post = 1, and the
+streams are reduced by their mean, so identical streams stay identical and the output equals the plain
+residual stack. The static H_pre weights are staggered (branch l leans on stream l mod K) so the streams
+can drift apart during training; with uniform weights every stream receives the same gradient forever
+and mHC collapses to a gated plain residual.
+
+Shapes: B sets, S cells per set, N = B*S tokens, D hidden width, K streams, M = 2K + K^2 coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from stlib.config import MHCConfig
+
+# static H_res logits: 0 on the diagonal, this on the off-diagonal (diag weight 0.71 for K = 4). Identity-
+# leaning so streams keep their identity; not more, because Sinkhorn's rate is ~ sigma_2(H_res)^2 per sweep
+# (0.38 here; 0.87 at -4, which leaves ~1e-3 errors after 20 sweeps and sends every token to Newton).
+RES_OFF_DIAGONAL_LOGIT = -2.0
+# static H_pre weight of branch l on stream (l mod K); the other K-1 streams share the rest equally. 1/K would
+# be uniform, and then every stream gets the same gradient forever (tests: test_uniform_pre_init...).
+PRE_PRIMARY_WEIGHT = 0.5
+NEWTON_ITERS = 30  # cap on Newton polishing steps for matrices Sinkhorn leaves above tol
+_CHECK_EVERY = 5  # Sinkhorn sweeps between convergence checks (each check is a host sync)
+_RIDGE = 1e-12  # keeps the graph-Laplacian solves regular when a matrix is (numerically) decomposable
+
+
+class MHCError(ValueError):
+    """mHC cannot be applied to this model; the message says what was expected."""
+
+
+# ------------------------------------------------------------------------------------------- Sinkhorn
+
+
+def _ds_error(p: torch.Tensor) -> torch.Tensor:
+    """Max |row sum - 1|, |column sum - 1| per matrix: [..., n, n] -> [...]."""
+    rows = (p.sum(-1) - 1).abs().amax(-1)
+    cols = (p.sum(-2) - 1).abs().amax(-1)
+    return torch.maximum(rows, cols)
+
+
+def _laplacian_system(p: torch.Tensor) -> torch.Tensor:
+    """Regularised Hessian of the Sinkhorn dual in the column potentials, [N, n, n] float64 -> [N, n, n].
+
+    For row-stochastic P it is diag(c) - P^T P, the graph Laplacian of W = P^T P (c = W 1). Its null
+    direction (constants) is fixed by adding 11^T/n; the ridge keeps (numerically) decomposable P, whose
+    Laplacian has more null directions, solvable. float64 keeps the cancellation in c_j - W_jj harmless.
+    """
+    w = p.transpose(-1, -2) @ p
+    return torch.diag_embed(w.sum(-1)) - w + _regulariser(p.shape[-1], p.dtype, p.device)
+
+
+def _regulariser(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    eye = torch.eye(n, dtype=dtype, device=device)
+    return torch.full((n, n), 1.0 / n, dtype=dtype, device=device) + _RIDGE * eye
+
+
+def _sinkhorn_sweeps(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
+    """Exp-domain Sinkhorn (columns then rows, in place); stops early once column sums are within tol."""
+    for i in range(n_iters):
+        m.div_(m.sum(-2, keepdim=True))
+        m.div_(m.sum(-1, keepdim=True))
+        if (i + 1) % _CHECK_EVERY == 0 and (m.sum(-2) - 1).abs().max().item() < tol:
+            break
+    return m
+
+
+def _newton_polish(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
+    """Damped Newton on the column potentials for row-stochastic matrices Sinkhorn has not converged.
+
+    Near-permutation matrices couple blocks of rows/columns only through tiny entries; Sinkhorn then
+    converges at a rate ~ 1 - (coupling) and 20 sweeps leave column errors of O(1). Newton moves whole
+    blocks at once. The step length is the best of a few relative (Newton) and absolute (log-scale)
+    candidates on the convex dual psi(g) = sum_i log sum_j P_ij e^{g_j} - sum_j g_j, then one Sinkhorn
+    sweep. Returns row-stochastic matrices, columns within tol where reachable in n_iters steps.
+    """
+    dt, dev = m.dtype, m.device
+    rel = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.125], dtype=dt, device=dev)
+    absolute = 2.0 ** torch.arange(-2, 9, dtype=dt, device=dev)
+    for _ in range(n_iters):
+        c = m.sum(-2)
+        if (c - 1).abs().max().item() < tol:
+            break
+        d = torch.linalg.solve_ex(_laplacian_system(m), (1 - c).unsqueeze(-1))[0].squeeze(-1)  # [N, n]
+        d = d - d.mean(-1, keepdim=True)
+        size = d.abs().amax(-1).clamp_min(1e-300)  # [N]
+        t = torch.cat([rel[:, None].expand(-1, d.shape[0]), absolute[:, None] / size])  # [T, N]
+        step = t.clamp_max(300.0 / size).unsqueeze(-1) * d  # [T, N, n]; exp stays finite in float64
+        psi = torch.log((m * step.exp().unsqueeze(-2)).sum(-1)).sum(-1) - step.sum(-1)  # [T, N]
+        best = step.gather(0, psi.argmin(0)[None, :, None].expand(1, -1, d.shape[-1]))[0]
+        m = m * best.exp().unsqueeze(-2)
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+        m = m / m.sum(-1, keepdim=True)
+    return m
+
+
+def _project(logits: torch.Tensor, n_iters: int, tol: float, newton_iters: int) -> torch.Tensor:
+    """[N, n, n] float64 logits -> row-stochastic, column sums within tol; no autograd."""
+    # shift rows, then columns, to max 0: every row and column then holds an exact 1 after exp, so no
+    # row or column underflows to 0 in float64 even for logit ranges of several hundred
+    x = logits - logits.amax(-1, keepdim=True)
+    m = (x - x.amax(-2, keepdim=True)).exp_()
+    m = _sinkhorn_sweeps(m, n_iters, tol)
+    if newton_iters > 0:
+        bad = (m.sum(-2) - 1).abs().amax(-1) >= tol
+        if bad.any():
+            m[bad] = _newton_polish(m[bad], newton_iters, tol)
+    return m
+
+
+class _SinkhornKnopp(torch.autograd.Function):
+    """Forward: the projection without a graph. Backward: implicit differentiation at the solution.
+
+    For P = diag(e^f) exp(L) diag(e^g) doubly stochastic and upstream gradient G, dL = P * (G - a 1^T - 1 b^T)
+    with a + P b = (P*G) 1 and P^T a + b = (P*G)^T 1; eliminating a gives the Laplacian system
+    (I - P^T P) b = (P*G)^T 1 - P^T (P*G) 1. One small solve replaces backprop through every sweep.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, n_iters, tol, newton_iters):
+        shape = logits.shape
+        flat = logits.detach().reshape(-1, shape[-2], shape[-1]).to(torch.float64)
+        p = _project(flat, n_iters, tol, newton_iters)
+        ctx.save_for_backward(p)
+        ctx.shape = shape
+        return p.reshape(shape).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        g = grad.reshape(p.shape).to(torch.float64)
+        q = p * g
+        q_rows = q.sum(-1)  # [N, n]
+        rhs = q.sum(-2) - (p.transpose(-1, -2) @ q_rows.unsqueeze(-1)).squeeze(-1)
+        b = torch.linalg.solve_ex(_laplacian_system(p), rhs.unsqueeze(-1))[0].squeeze(-1)
+        a = q_rows - (p @ b.unsqueeze(-1)).squeeze(-1)
+        dl = p * (g - a.unsqueeze(-1) - b.unsqueeze(-2))
+        return dl.reshape(ctx.shape).to(grad.dtype), None, None, None
+
+
+def sinkhorn_knopp(
+    logits: torch.Tensor, n_iters: int = 20, tol: float = 1e-6, newton_iters: int = NEWTON_ITERS
+) -> torch.Tensor:
+    """Project logits [..., n, n] onto doubly-stochastic matrices (Sinkhorn-Knopp of exp(logits)).
+
+    Computed in float64 whatever the input dtype (bf16/fp16/fp32 in -> same dtype out). Up to n_iters
+    Sinkhorn sweeps with an early exit once all row and column sums are within tol; matrices still above
+    tol (near-permutations, where Sinkhorn needs thousands of sweeps) get up to newton_iters Newton steps.
+    No clamping or temperature: the result is the projection of the given logits. Differentiable
+    (implicit differentiation at the solution, exact for the converged projection).
+    """
+    if logits.shape[-1] != logits.shape[-2] or logits.dim() < 2:
+        raise ValueError(f"sinkhorn_knopp expects square matrices [..., n, n], got shape {tuple(logits.shape)}")
+    if not torch.is_floating_point(logits):
+        raise ValueError(f"sinkhorn_knopp expects floating-point logits, got {logits.dtype}")
+    if logits.numel() == 0:
+        return logits.clone()
+    return _SinkhornKnopp.apply(logits, n_iters, tol, newton_iters)
+
+
+# ------------------------------------------------------------------------------------------- module
+
+
+class ManifoldHyperConnections(nn.Module):
+    """K residual streams with mHC mixing around every branch; identity with the plain stack at init.
+
+    Parameters are stacked over branches: phi [L, K*D, M] (zero-init), alpha [L, 3] gates for the
+    pre/post/res groups (init alpha_init), bias [L, M] static logits.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_branches: int,
+        n_streams: int = 4,
+        sinkhorn_iters: int = 20,
+        sinkhorn_tol: float = 1e-6,
+        alpha_init: float = 0.01,
+        eps: float = 1e-6,
+        pre_primary_weight: float = PRE_PRIMARY_WEIGHT,
+    ):
+        super().__init__()
+        if n_streams < 1 or n_branches < 1 or dim < 1:
+            raise MHCError(f"need dim, n_branches, n_streams >= 1; got {dim}, {n_branches}, {n_streams}")
+        if not 0 < pre_primary_weight < 1:
+            raise MHCError(f"pre_primary_weight must be in (0, 1), got {pre_primary_weight}")
+        k = n_streams
+        self.dim, self.n_branches, self.n_streams = dim, n_branches, k
+        self.sinkhorn_iters, self.sinkhorn_tol, self.eps = sinkhorn_iters, sinkhorn_tol, eps
+        n_coef = 2 * k + k * k
+        self.phi = nn.Parameter(torch.zeros(n_branches, k * dim, n_coef))
+        self.alpha = nn.Parameter(torch.full((n_branches, 3), float(alpha_init)))
+        self.bias = nn.Parameter(self._static_bias(n_branches, k, pre_primary_weight))
+        self.register_buffer("group", torch.tensor([0] * k + [1] * k + [2] * k * k), persistent=False)
+        self._last_res: list[torch.Tensor] = []
+
+    @staticmethod
+    def _static_bias(n_branches: int, k: int, primary: float) -> torch.Tensor:
+        """sigmoid(b_pre) sums to 1 over streams (staggered), 2 sigmoid(b_post) = 1, b_res identity-leaning.
+
+        primary = 1/K gives the uniform H_pre = 1/K; K = 1 reads its one stream with weight ~1.
+        """
+        primary = primary if k > 1 else 1.0
+        rest = (1.0 - primary) / (k - 1) if k > 1 else 0.0
+        pre = torch.full((n_branches, k), rest)
+        pre[torch.arange(n_branches), torch.arange(n_branches) % k] = primary
+        pre = torch.logit(pre.clamp(1e-6, 1 - 1e-6)) if k > 1 else torch.full((n_branches, 1), 20.0)
+        post = torch.zeros(n_branches, k)
+        res = RES_OFF_DIAGONAL_LOGIT * (1 - torch.eye(k)).reshape(1, k * k).expand(n_branches, -1)
+        return torch.cat([pre, post, res], dim=1)
+
+    def coefficients(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Streams [N, K, D] -> H_pre [N, K], H_post / 2 [N, K], H_res [N, K, K] for branch `index`."""
+        n, k, d = x.shape
+        flat = x.reshape(n, k * d)
+        # RMSNorm(x) phi = (x phi) / rms(x): normalise the [N, M] product, not the [N, K*D] input
+        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)
+        gate = self.alpha[index][self.group]  # [M]
+        coef = torch.addcmul(self.bias[index], (flat @ self.phi[index]) * inv_rms, gate)  # [N, M]
+        gates = torch.sigmoid(coef[:, : 2 * k])
+        res = sinkhorn_knopp(coef[:, 2 * k :].reshape(n, k, k), self.sinkhorn_iters, self.sinkhorn_tol)
+        return gates[:, :k], gates[:, k:], res
+
+    def forward(self, h: torch.Tensor, branches: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        """h [B, S, D], one callable per branch ([B, S, D] -> [B, S, D]) -> [B, S, D] (mean of the streams)."""
+        return self.streams(h, branches).mean(2)
+
+    def streams(self, h: torch.Tensor, branches: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        """The K streams after the last branch, [B, S, K, D], before the reduction."""
+        if len(branches) != self.n_branches:
+            raise MHCError(f"ManifoldHyperConnections was built for {self.n_branches} branches, got {len(branches)}")
+        b, s, d = h.shape
+        if d != self.dim:
+            raise MHCError(f"ManifoldHyperConnections was built for hidden size {self.dim}, got input width {d}")
+        n, k = b * s, self.n_streams
+        x = h.reshape(n, 1, d).expand(n, k, d).contiguous()  # [N, K, D]: K identical copies
+        self._last_res = []
+        for index, branch in enumerate(branches):
+            pre, post_half, res = self.coefficients(x, index)
+            y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(n, 1, d)  # F(H_pre X)
+            # X <- H_res X + H_post^T y, with H_post = 2 * post_half folded into baddbmm's alpha
+            x = torch.baddbmm(res @ x, post_half.unsqueeze(-1), y, alpha=2.0)
+            self._last_res.append(res.detach())
+        return x.view(b, s, k, d)
+
+    @torch.no_grad()
+    def stability_stats(self) -> dict[str, float]:
+        """Composite Amax gains of the last forward (mHC paper Fig. 3 quantities) and H_res's DS error.
+
+        The composite is prod_l mean_tokens(H_res^l) over depth (a token-mean per branch: per-token
+        products would need every token's path; the mean of doubly-stochastic matrices is doubly
+        stochastic, so this is what the bound is about). Forward gain = max |row sum|, backward = max
+        |column sum|; both are 1 for exact doubly-stochastic mixing.
+        """
+        if not self._last_res:
+            raise MHCError("stability_stats() needs a forward pass first")
+        k = self.n_streams
+        composite = torch.eye(k, dtype=torch.float64, device=self._last_res[0].device)
+        error = 0.0
+        for res in self._last_res:
+            res64 = res.to(torch.float64)
+            composite = res64.mean(0) @ composite
+            error = max(error, _ds_error(res64).max().item())
+        return {
+            "amax_gain_forward": composite.abs().sum(-1).max().item(),
+            "amax_gain_backward": composite.abs().sum(-2).max().item(),
+            "h_res_max_error": error,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, n_branches={self.n_branches}, n_streams={self.n_streams}, "
+            f"sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_tol={self.sinkhorn_tol}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- applying
+
+
+def _find_backbone(model: nn.Module) -> nn.Module:
+    backbone = getattr(model, "transformer_backbone", model)
+    missing = [name for name in ("layers", "hyper_connections") if not hasattr(backbone, name)]
+    if missing:
+        raise MHCError(
+            f"apply_mhc needs `model.transformer_backbone` (or a backbone) with `layers` and `hyper_connections`; "
+            f"{type(backbone).__name__} lacks {', '.join(missing)}"
+        )
+    return backbone
+
+
+def _hidden_size(backbone: nn.Module) -> int:
+    norm = getattr(backbone, "norm", None)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise MHCError(f"cannot read the hidden size of {type(backbone).__name__}: expected a `norm` with a `weight`")
+    return int(weight.shape[-1])
+
+
+def apply_mhc(model: nn.Module, mhc_cfg: MHCConfig) -> nn.Module:
+    """Wrap the backbone's residual branches with mHC (new parameters trainable); n_streams=1 is a no-op."""
+    backbone = _find_backbone(model)
+    if mhc_cfg.n_streams == 1:
+        return model
+    if backbone.hyper_connections is not None:
+        raise MHCError("apply_mhc: this backbone already has hyper_connections; apply mHC once")
+    reference = next(backbone.parameters())
+    module = ManifoldHyperConnections(
+        dim=_hidden_size(backbone),
+        n_branches=2 * len(backbone.layers),
+        n_streams=mhc_cfg.n_streams,
+        sinkhorn_iters=mhc_cfg.sinkhorn_iters,
+        sinkhorn_tol=mhc_cfg.sinkhorn_tol,
+        alpha_init=mhc_cfg.alpha_init,
+    )
+    backbone.hyper_connections = module.to(device=reference.device, dtype=reference.dtype)
+    return model

@@ -1,0 +1,253 @@
+"""mHC: Sinkhorn accuracy/dtypes/gradients, identity at init, training moves it, off means baseline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stlib.adapters.mhc import ManifoldHyperConnections, MHCError, apply_mhc, sinkhorn_knopp
+from stlib.config import MHCConfig
+
+
+def ds_error(p: torch.Tensor) -> float:
+    p = p.double()
+    return max((p.sum(-1) - 1).abs().max().item(), (p.sum(-2) - 1).abs().max().item())
+
+
+class ToyLayer(nn.Module):
+    """Pre-norm attention + MLP with the two residual branches the backbone contract names."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def attn_branch(self, x):
+        q, k, v = self.qkv(self.n1(x)).chunk(3, dim=-1)
+        return self.o(F.scaled_dot_product_attention(q, k, v))
+
+    def mlp_branch(self, x):
+        return self.down(F.gelu(self.up(self.n2(x))))
+
+
+class ToyBackbone(nn.Module):
+    def __init__(self, d: int = 16, n_layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(ToyLayer(d) for _ in range(n_layers))
+        self.norm = nn.RMSNorm(d)
+        self.hyper_connections = None
+
+    def forward(self, h):
+        branches = [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
+        if self.hyper_connections is None:
+            for f in branches:
+                h = h + f(h)
+        else:
+            h = self.hyper_connections(h, branches)
+        return self.norm(h)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.transformer_backbone = ToyBackbone(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.transformer_backbone(x))
+
+
+def toy_pair(seed: int = 0, n_streams: int = 4):
+    torch.manual_seed(seed)
+    plain = ToyModel()
+    wrapped = ToyModel()
+    wrapped.load_state_dict(plain.state_dict())
+    apply_mhc(wrapped, MHCConfig(n_streams=n_streams))
+    return plain, wrapped
+
+
+# ------------------------------------------------------------------------------------------- Sinkhorn
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
+def test_sinkhorn_doubly_stochastic_at_large_logit_scales(scale):
+    """The paper's 20-sweep iteration leaves column errors of 0.5 at scale 10; ours must reach 1e-4 up to 50."""
+    torch.manual_seed(int(scale))
+    p = sinkhorn_knopp(torch.randn(3000, 4, 4) * scale, n_iters=20)
+    assert torch.isfinite(p).all()
+    assert (p >= 0).all()
+    assert ds_error(p) <= 1e-4
+
+
+def test_sinkhorn_other_sizes_and_leading_dims():
+    torch.manual_seed(1)
+    p = sinkhorn_knopp(torch.randn(2, 5, 3, 3) * 5)
+    assert p.shape == (2, 5, 3, 3)
+    assert ds_error(p) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-9), (torch.bfloat16, 2e-2)])
+def test_sinkhorn_dtype_in_equals_dtype_out(dtype, tol):
+    torch.manual_seed(2)
+    logits = (torch.randn(256, 4, 4) * 3).to(dtype)
+    p = sinkhorn_knopp(logits, tol=1e-10)
+    assert p.dtype == dtype
+    assert ds_error(p) <= tol  # the projection is float64 inside; only the final cast rounds
+
+
+def test_sinkhorn_gradient_matches_unrolled_log_domain_iteration():
+    """Implicit backward == autograd through a long (converged) log-domain Sinkhorn, in float64."""
+    torch.manual_seed(3)
+    logits = (torch.randn(32, 4, 4, dtype=torch.float64) * 1.5).requires_grad_()
+    weight = torch.randn(32, 4, 4, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((sinkhorn_knopp(logits, n_iters=500, tol=1e-13) * weight).sum(), logits)
+    f = torch.zeros(32, 4, dtype=torch.float64)
+    g = torch.zeros(32, 4, dtype=torch.float64)
+    for _ in range(500):
+        f = -torch.logsumexp(logits + g.unsqueeze(-2), -1)
+        g = -torch.logsumexp(logits + f.unsqueeze(-1), -2)
+    unrolled = torch.exp(logits + f.unsqueeze(-1) + g.unsqueeze(-2))
+    (ref,) = torch.autograd.grad((unrolled * weight).sum(), logits)
+    assert torch.allclose(ours, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_sinkhorn_gradient_finite_and_flows(scale):
+    torch.manual_seed(4)
+    logits = (torch.randn(500, 4, 4) * scale).requires_grad_()
+    p = sinkhorn_knopp(logits)
+    p[..., 0, :].square().sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_sinkhorn_rejects_non_square():
+    with pytest.raises(ValueError, match="square"):
+        sinkhorn_knopp(torch.zeros(2, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------- module
+
+
+def test_identity_at_init_within_1e5():
+    plain, wrapped = toy_pair()
+    x = torch.randn(3, 7, 16)
+    assert wrapped.transformer_backbone.hyper_connections is not None
+    torch.testing.assert_close(wrapped(x), plain(x), atol=1e-5, rtol=0)
+
+
+def test_static_coefficients_at_init():
+    """H_pre sums to 1 (staggered), H_post = 1, H_res doubly stochastic; dynamic part exactly zero."""
+    mhc = ManifoldHyperConnections(dim=8, n_branches=5, n_streams=4)
+    x = torch.randn(6, 4, 8)
+    for index in range(5):
+        pre, post_half, res = mhc.coefficients(x, index)
+        torch.testing.assert_close(pre.sum(-1), torch.ones(6))
+        assert pre[:, index % 4].min() > pre.sum(-1).max() / 4  # branch l leans on stream l mod K
+        torch.testing.assert_close(2 * post_half, torch.ones(6, 4))
+        assert ds_error(res) < 1e-6
+        assert torch.allclose(res, res[:1].expand_as(res))  # same for every token: phi = 0
+
+
+def test_training_moves_params_and_outputs():
+    """After a few optimizer steps every mHC parameter has changed and the output differs from the plain model."""
+    plain, wrapped = toy_pair(seed=5)
+    mhc = wrapped.transformer_backbone.hyper_connections
+    before = {name: p.detach().clone() for name, p in mhc.named_parameters()}
+    assert all(p.requires_grad for p in mhc.parameters())
+    opt = torch.optim.Adam(mhc.parameters(), lr=1e-2)
+    x, target = torch.randn(4, 6, 16), torch.randn(4, 6, 3)
+    for _ in range(5):
+        opt.zero_grad()
+        F.mse_loss(wrapped(x), target).backward()
+        opt.step()
+    for name, p in mhc.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
+    assert (wrapped(x) - plain(x)).abs().max() > 1e-4
+    assert mhc.stability_stats()["h_res_max_error"] < 1e-5
+
+
+def test_uniform_pre_init_would_keep_streams_identical():
+    """Why H_pre is staggered: with uniform static weights, every stream gets the same gradient forever."""
+
+    def stream_spread(primary: float) -> float:
+        torch.manual_seed(6)
+        backbone = ToyBackbone()
+        backbone.hyper_connections = ManifoldHyperConnections(16, 4, n_streams=4, pre_primary_weight=primary)
+        mhc = backbone.hyper_connections
+        opt = torch.optim.SGD(mhc.parameters(), lr=0.5)  # SGD: Adam would blow rounding noise up to full steps
+        x = torch.randn(2, 5, 16)
+        for _ in range(3):
+            opt.zero_grad()
+            backbone(x).sum().backward()
+            opt.step()
+        streams = backbone.hyper_connections.streams(
+            x, [f for layer in backbone.layers for f in (layer.attn_branch, layer.mlp_branch)]
+        )
+        return (streams - streams[:, :, :1]).abs().max().item()
+
+    assert stream_spread(0.25) < 1e-5  # rounding noise only
+    assert stream_spread(0.5) > 1e-3
+
+
+def test_stability_stats_at_init():
+    _, wrapped = toy_pair(seed=7)
+    mhc = wrapped.transformer_backbone.hyper_connections
+    with pytest.raises(MHCError, match="forward"):
+        mhc.stability_stats()
+    wrapped(torch.randn(2, 5, 16))
+    stats = mhc.stability_stats()
+    assert set(stats) == {"amax_gain_forward", "amax_gain_backward", "h_res_max_error"}
+    assert stats["amax_gain_forward"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["amax_gain_backward"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["h_res_max_error"] < 1e-5
+
+
+def test_forward_backward_shapes():
+    _, wrapped = toy_pair(seed=8)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out = wrapped(x)
+    assert out.shape == (2, 9, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    mhc = wrapped.transformer_backbone.hyper_connections
+    assert mhc.phi.grad.shape == (4, 4 * 16, 2 * 4 + 16)
+    assert mhc.phi.grad.abs().sum() > 0
+    assert torch.isfinite(mhc.phi.grad).all()
+
+
+def test_one_stream_leaves_model_plain():
+    plain, wrapped = toy_pair(seed=9, n_streams=1)
+    assert wrapped.transformer_backbone.hyper_connections is None
+    x = torch.randn(2, 4, 16)
+    assert torch.equal(wrapped(x), plain(x))
+
+
+def test_apply_mhc_errors_name_what_is_missing():
+    with pytest.raises(MHCError, match="layers"):
+        apply_mhc(nn.Linear(4, 4), MHCConfig())
+    _, wrapped = toy_pair()
+    with pytest.raises(MHCError, match="already"):
+        apply_mhc(wrapped, MHCConfig())
+    mhc = wrapped.transformer_backbone.hyper_connections
+    with pytest.raises(MHCError, match="branches"):
+        mhc(torch.randn(1, 2, 16), [lambda t: t])
+
+
+def test_state_transition_model_identity_at_init():
+    models = pytest.importorskip("stlib.models")
+    from stlib.config import load_config
+
+    cfg = load_config(
+        overrides=["model.hidden_dim=32", "model.n_layers=2", "model.n_heads=4", "model.intermediate_size=64"]
+    ).model
+    torch.manual_seed(10)
+    plain = models.StateTransitionModel(cfg, input_dim=12, pert_dim=5).eval()
+    wrapped = models.StateTransitionModel(cfg, input_dim=12, pert_dim=5).eval()
+    wrapped.load_state_dict(plain.state_dict())
+    apply_mhc(wrapped, MHCConfig(n_streams=4))
+    assert wrapped.transformer_backbone.hyper_connections is not None
+    basal, pert = torch.randn(2, 8, 12), torch.eye(5)[torch.randint(0, 5, (2, 8))]
+    out_plain, out_wrapped = plain(basal, pert), wrapped(basal, pert)
+    torch.testing.assert_close(out_wrapped["pred"], out_plain["pred"], atol=1e-5, rtol=0)
