@@ -51,7 +51,8 @@ def draw_rows(pool: np.ndarray, n_sets: int, set_len: int, rng: np.random.Genera
     row once plus random repeats, so a small group is always used whole."""
     n = len(pool)
     if n >= set_len:
-        pick = np.stack([rng.choice(n, set_len, replace=False) for _ in range(n_sets)])
+        pick = np.stack([rng.choice(n, set_len, replace=False) for _ in range(n_sets)]) if n_sets > 1 else \
+            rng.choice(n, set_len, replace=False)[None]
     else:
         whole = np.broadcast_to(np.arange(n), (n_sets, n))
         pick = rng.permuted(np.concatenate([whole, rng.integers(n, size=(n_sets, set_len - n))], axis=1), axis=1)

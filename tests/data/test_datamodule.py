@@ -317,6 +317,23 @@ def test_bad_data_errors(tmp_path, case):
         make_dm(single_dataset(tmp_path, _broken(case)), **over)
 
 
+def test_nan_velocity_gets_zero_weight(tmp_path, caplog):
+    adata = make_adata(velocity=True)
+    adata.obsm["velocity_X_state"][[0, 3], 1] = np.nan
+    adata.obs.loc[adata.obs_names[7], "velocity_confidence"] = np.nan
+    with caplog.at_level(logging.WARNING, logger="stlib.data.datamodule"):
+        dm = make_dm(single_dataset(tmp_path, adata), need_velocity=True)
+    assert "3 cells have NaN/inf velocity" in caplog.text
+    assert np.isfinite(dm.store.velocity).all() and (dm.store.confidence[[0, 3, 7]] == 0).all()
+    assert (dm.store.velocity[[0, 3]] == 0).all() and dm.store.confidence[1] > 0
+
+
+def test_cell_type_without_controls(tmp_path):
+    skip = [("B", CONTROL, m) for m in ("m1", "m2")]
+    with pytest.raises(DataError, match=r"no control cells for group\(s\) 'exp/B/p1/m1', 'exp/B/p1/m2'"):
+        make_dm(single_dataset(tmp_path, make_adata(skip=skip)))
+
+
 def test_missing_velocity_says_how_to_make_it(tmp_path):
     toml = single_dataset(tmp_path, make_adata(velocity=False))
     with pytest.raises(DataError, match=r"obsm 'velocity_X_state'.*stlib velocity .*exp\.h5ad --embed-key X_state"):
