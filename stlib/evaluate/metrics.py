@@ -1,0 +1,335 @@
+"""Accuracy metrics for predicted perturbation responses: one number per group, cell type and model.
+
+A *group* is one ``group_id``: the perturbed cells of one perturbation, cell type and time point (and
+batch, if the predictor grouped by batch), predicted in ``pred`` and real in ``real``. Its *control* is
+the real control cells of the same cell type and time point (all time points of the cell type when that
+time point has none). Shifts are group mean − control mean, in X's space (G genes, or embedding dims).
+
+Metrics per group:
+- ``gene_correlation``: Pearson r over G between predicted and real shift.
+- ``direction_cosine``: cosine between the same two shifts (uncentred).
+  Both are 0 when the predicted shift is (numerically) zero — no predicted change has no direction — and
+  NaN when the real shift is zero.
+- ``cell_distance``: energy distance between predicted and real perturbed cells, divided by the energy
+  distance between the control cells and the real perturbed cells: 0 = same distribution, 1 = no better
+  than predicting "no change", > 1 = worse. Energy distance E = 2E|X−Y| − E|X−X'| − E|Y−Y'| is computed
+  by geomloss (``SamplesLoss("energy")`` = E/2) as the V-statistic (all pairs, self-pairs included): it is
+  >= 0 and exactly 0 for identical sets (geomloss floors each distance at 1e-4, a negligible offset); its bias for two samples of one distribution is about
+  E|X−X'|·(1/n + 1/m), small against real effects. At most ``max_cells`` cells per set, sampled with a
+  fixed seed. NaN when the real cells equal the controls (zero denominator).
+- ``mse``: mean over G of (predicted group mean − real group mean)².
+- ``emb_gene_correlation``, ``emb_direction_cosine``: the same in ``obsm[embed_key]`` when X holds genes.
+
+Per perturbation and cell type, over T >= 3 time points:
+- ``temporal_coherence``: real shifts R [T, G] define the real temporal axis a (first principal direction
+  of R around its mean); real positions s = (R − R̄)·a, predicted positions q = (P − R̄)·a; the score is
+  Pearson r(s, q) in [−1, 1]: 1 when the prediction keeps the order and relative spacing of the time
+  points, about −0.5 or lower when days are swapped, 0 when the prediction does not move along time
+  (constant shift), NaN with fewer than 3 time points or no real temporal variation.
+
+Aggregation: a cell type's row is the mean over its groups (temporal coherence: mean over
+perturbations); the overall row (``cell_type == "all"``) is the mean over all groups, each group weighted
+equally (temporal coherence: mean over perturbation × cell type). NaN values are skipped in means.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from geomloss import SamplesLoss
+
+from stlib.evaluate import baselines
+from stlib.evaluate.layout import (
+    GROUP_KEY,
+    ControlIndex,
+    EvalError,
+    EvalSettings,
+    control_mask,
+    group_table,
+    listing,
+    mean_rows,
+    read_settings,
+    representation,
+    rows,
+)
+
+GROUP_METRICS = ("gene_correlation", "cell_distance", "direction_cosine", "mse")
+EMB_METRICS = ("emb_gene_correlation", "emb_direction_cosine")
+# metric -> True when higher is better (plots colour by it; readers sort by it)
+HIGHER_IS_BETTER = {
+    "gene_correlation": True,
+    "cell_distance": False,
+    "direction_cosine": True,
+    "temporal_coherence": True,
+    "mse": False,
+    "emb_gene_correlation": True,
+    "emb_direction_cosine": True,
+}
+OVERALL = "all"  # cell_type value of the overall row
+_REL_EPS = 1e-6  # a predicted shift below this fraction of the real one counts as "no shift"
+_energy = SamplesLoss("energy")
+
+
+# ----------------------------------------------------------------------------------- vector scores
+
+
+def direction_cosine(pred_shift: np.ndarray, real_shift: np.ndarray) -> float:
+    """Cosine of two shifts; 0 for a zero predicted shift, NaN for a zero real shift."""
+    pn, rn = np.linalg.norm(pred_shift), np.linalg.norm(real_shift)
+    if rn == 0 or not np.isfinite(rn):
+        return float("nan")
+    if pn <= _REL_EPS * rn:
+        return 0.0
+    return float(np.dot(pred_shift, real_shift) / (pn * rn))
+
+
+def pearson(pred: np.ndarray, real: np.ndarray) -> float:
+    """Pearson r with the same zero conventions as :func:`direction_cosine`."""
+    if len(real) < 2:
+        return float("nan")
+    return direction_cosine(pred - pred.mean(), real - real.mean())
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Energy distance 2E|X−Y| − E|X−X'| − E|Y−Y'| (V-statistic) between two point clouds [N, G], [M, G]."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    return max(0.0, 2.0 * float(_energy(xt, yt)))
+
+
+def temporal_coherence(real_shifts: np.ndarray, pred_shifts: np.ndarray) -> float:
+    """Pearson r of real and predicted positions along the real temporal axis; [T, G] inputs, NaN if T < 3."""
+    real_shifts = np.asarray(real_shifts, dtype=np.float64)
+    pred_shifts = np.asarray(pred_shifts, dtype=np.float64)
+    if real_shifts.shape != pred_shifts.shape:
+        raise EvalError(f"real and predicted shifts differ in shape: {real_shifts.shape} vs {pred_shifts.shape}")
+    if real_shifts.shape[0] < 3:
+        return float("nan")
+    centre = real_shifts.mean(axis=0)
+    _, sv, vt = np.linalg.svd(real_shifts - centre, full_matrices=False)
+    if sv[0] <= 1e-12 * max(1.0, np.abs(real_shifts).max()):
+        return float("nan")
+    axis = vt[0]
+    return pearson((pred_shifts - centre) @ axis, (real_shifts - centre) @ axis)
+
+
+# ----------------------------------------------------------------------------------- per group
+
+
+def _subsample(idx: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(idx, max_cells, replace=False)) if len(idx) > max_cells else idx
+
+
+def _check_pair(pred: AnnData, real: AnnData, s: EvalSettings) -> None:
+    if list(pred.var_names) != list(real.var_names):
+        raise EvalError(
+            f"pred and real must have the same var names in the same order; got {pred.n_vars} vs {real.n_vars} "
+            f"names, first difference at {_first_diff(pred.var_names, real.var_names)}"
+        )
+    pred_groups = set(pred.obs.loc[~control_mask(pred, s), GROUP_KEY].astype(str))
+    real_groups = set(real.obs.loc[~control_mask(real, s), GROUP_KEY].astype(str))
+    if pred_groups != real_groups:
+        raise EvalError(
+            f"group_id values differ between pred and real: only in pred {listing(pred_groups - real_groups)}, "
+            f"only in real {listing(real_groups - pred_groups)}"
+        )
+    if not real_groups:
+        raise EvalError(f"no perturbed cells: every cell has {s.pert_col}={s.control_pert!r}")
+
+
+def _first_diff(a, b) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"position {i} ({x!r} vs {y!r})"
+    return f"position {min(len(a), len(b))} (one list is longer)"
+
+
+def group_metrics(
+    pred: AnnData, real: AnnData, *, max_cells: int = 500, seed: int = 0, **settings: str | None
+) -> pd.DataFrame:
+    """One row per non-control group: group_id, pert, cell_type, time, cell counts and the group metrics."""
+    s = read_settings(real, **settings)
+    read_settings(pred, **settings)  # same columns must exist in pred
+    _check_pair(pred, real, s)
+    table = group_table(real, s)
+    controls = ControlIndex(real, s)
+    pred_ids = pred.obs[GROUP_KEY].astype(str).to_numpy()
+    real_ids = real.obs[GROUP_KEY].astype(str).to_numpy()
+    pred_pert, real_pert = ~control_mask(pred, s), ~control_mask(real, s)
+    reps = [("", "X")]
+    if s.space == "gene" and s.embed_key and s.embed_key in pred.obsm and s.embed_key in real.obsm:
+        reps.append(("emb_", s.embed_key))
+    mats = {rep: (representation(pred, rep), representation(real, rep)) for _, rep in reps}
+    rng = np.random.default_rng(seed)
+    out = []
+    for gid, g in table.iterrows():
+        p_idx = np.flatnonzero(pred_pert & (pred_ids == gid))
+        r_idx = np.flatnonzero(real_pert & (real_ids == gid))
+        c_idx = controls(g["cell_type"], g["time"])
+        row = {
+            GROUP_KEY: gid,
+            "pert": g["pert"],
+            "cell_type": g["cell_type"],
+            "time": g["time"],
+            "n_pred": len(p_idx),
+            "n_real": len(r_idx),
+            "n_control": len(c_idx),
+        }
+        for prefix, rep in reps:
+            pm, rm = mats[rep]
+            ctrl = mean_rows(rm, c_idx)
+            p_mean, r_mean = mean_rows(pm, p_idx), mean_rows(rm, r_idx)
+            row[f"{prefix}gene_correlation"] = pearson(p_mean - ctrl, r_mean - ctrl)
+            row[f"{prefix}direction_cosine"] = direction_cosine(p_mean - ctrl, r_mean - ctrl)
+            if prefix:
+                continue
+            row["mse"] = float(np.mean((p_mean - r_mean) ** 2))
+            p_cells = rows(pm, _subsample(p_idx, max_cells, rng))
+            r_cells = rows(rm, _subsample(r_idx, max_cells, rng))
+            c_cells = rows(rm, _subsample(c_idx, max_cells, rng))
+            base = energy_distance(c_cells, r_cells)
+            row["cell_distance"] = energy_distance(p_cells, r_cells) / base if base > 1e-12 else float("nan")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def temporal_table(pred: AnnData, real: AnnData, **settings: str | None) -> pd.DataFrame:
+    """temporal_coherence per (pert, cell_type), pooling a time point's groups (e.g. several batches)."""
+    s = read_settings(real, **settings)
+    columns = ["pert", "cell_type", "n_times", "temporal_coherence"]
+    if not s.time_col:
+        return pd.DataFrame(columns=columns)
+    controls = ControlIndex(real, s)
+    pm, rm = representation(pred, "X"), representation(real, "X")
+
+    def keys(adata):
+        obs = adata.obs
+        return (
+            obs[s.pert_col].astype(str).to_numpy(),
+            obs[s.cell_type_key].astype(str).to_numpy(),
+            obs[s.time_col].astype(str).to_numpy(),
+            ~control_mask(adata, s),
+        )
+
+    pp, pc, pt, pmask = keys(pred)
+    rp, rc, rt, rmask = keys(real)
+    out = []
+    for (pert, ct), _ in pd.DataFrame({"p": rp[rmask], "c": rc[rmask]}).groupby(["p", "c"], sort=True):
+        times = sorted(set(rt[rmask & (rp == pert) & (rc == ct)]) & set(pt[pmask & (pp == pert) & (pc == ct)]))
+        real_shifts, pred_shifts = [], []
+        for t in times:
+            ctrl = mean_rows(rm, controls(ct, t))
+            real_shifts.append(mean_rows(rm, np.flatnonzero(rmask & (rp == pert) & (rc == ct) & (rt == t))) - ctrl)
+            pred_shifts.append(mean_rows(pm, np.flatnonzero(pmask & (pp == pert) & (pc == ct) & (pt == t))) - ctrl)
+        score = temporal_coherence(np.array(real_shifts), np.array(pred_shifts)) if len(times) >= 3 else np.nan
+        out.append({"pert": pert, "cell_type": ct, "n_times": len(times), "temporal_coherence": score})
+    return pd.DataFrame(out, columns=columns)
+
+
+# ----------------------------------------------------------------------------------- per model
+
+
+def compute_metrics(
+    pred: AnnData, real: AnnData, *, max_cells: int = 500, seed: int = 0, **settings: str | None
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """(overall metrics, per-cell-type table with an overall row ``cell_type == "all"``) for one model.
+
+    Settings (pert_col, control_pert, cell_type_key, time_col, embed_key, space, ...) come from
+    ``real.uns["stlib"]``; keyword arguments replace them.
+    """
+    groups = group_metrics(pred, real, max_cells=max_cells, seed=seed, **settings)
+    temporal = temporal_table(pred, real, **settings)
+    metric_cols = [c for c in (*GROUP_METRICS, *EMB_METRICS) if c in groups]
+    per_ct = groups.groupby("cell_type", sort=True)[metric_cols].mean()
+    per_ct.insert(0, "n_groups", groups.groupby("cell_type", sort=True).size())
+    per_ct["temporal_coherence"] = temporal.groupby("cell_type")["temporal_coherence"].mean()
+    overall = groups[metric_cols].mean()
+    overall["n_groups"] = len(groups)
+    overall["temporal_coherence"] = temporal["temporal_coherence"].mean() if len(temporal) else np.nan
+    per_ct.loc[OVERALL] = overall
+    per_ct = per_ct.reset_index(names="cell_type")
+    per_ct["n_groups"] = per_ct["n_groups"].astype(int)
+    summary = {k: float(v) for k, v in overall.items()}
+    return summary, per_ct
+
+
+def _real_path(pred_path: Path) -> tuple[str, Path]:
+    name = pred_path.name
+    if not name.endswith("_pred.h5ad"):
+        raise EvalError(f"{pred_path}: prediction files are named <model>_pred.h5ad")
+    real = pred_path.with_name(name[: -len("_pred.h5ad")] + "_real.h5ad")
+    if not real.exists():
+        raise EvalError(f"{pred_path}: the matching real file {real.name} is missing in {pred_path.parent}")
+    return name[: -len("_pred.h5ad")], real
+
+
+def _rows(model: str, space: str, summary: dict, per_ct: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    per_ct = per_ct.copy()
+    per_ct.insert(0, "model", model)
+    return {"model": model, "space": space, **summary}, per_ct
+
+
+def evaluate_files(
+    pred_paths: Sequence[str | Path], *, baselines_on_first: bool = True, max_cells: int = 500, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics for several models' ``<m>_pred.h5ad`` (each beside its ``<m>_real.h5ad``), plus baselines.
+
+    One row per model (column ``model``: ``uns["stlib"]["model"]``, else the file stem), then
+    ``control_mean`` and ``mean_shift`` computed on the first file's real cells. A model name seen twice
+    (e.g. a baseline file passed explicitly) is evaluated once.
+    """
+    summaries, per_cts, seen = [], [], set()
+    first_real: AnnData | None = None
+    for path in map(Path, pred_paths):
+        stem, real_path = _real_path(path)
+        pred, real = ad.read_h5ad(path), ad.read_h5ad(real_path)
+        model = str(pred.uns.get("stlib", {}).get("model") or stem)
+        if first_real is None:
+            first_real = real
+        if model in seen:
+            warnings.warn(f"model {model!r} given twice; {path} skipped", stacklevel=2)
+            continue
+        seen.add(model)
+        s = read_settings(real)
+        summary, per_ct = compute_metrics(pred, real, max_cells=max_cells, seed=seed)
+        row, table = _rows(model, s.space, summary, per_ct)
+        summaries.append(row)
+        per_cts.append(table)
+    if first_real is None:
+        raise EvalError("no prediction files given")
+    if baselines_on_first:
+        space = read_settings(first_real).space
+        for name, make in baselines.BASELINES.items():
+            if name in seen:
+                continue
+            try:
+                pred = make(first_real)
+            except EvalError as exc:
+                warnings.warn(f"baseline {name!r} skipped: {exc}", stacklevel=2)
+                continue
+            row, table = _rows(name, space, *compute_metrics(pred, first_real, max_cells=max_cells, seed=seed))
+            summaries.append(row)
+            per_cts.append(table)
+    return pd.DataFrame(summaries), pd.concat(per_cts, ignore_index=True)
+
+
+def write_metrics(summary_df: pd.DataFrame, per_celltype_df: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics_summary.csv`` and ``metrics_per_celltype.csv`` into folder ``out``.
+
+    A path ending in ``.csv`` means its folder. Returns both paths.
+    """
+    folder = Path(out)
+    if folder.suffix == ".csv":
+        folder = folder.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "metrics_summary.csv", folder / "metrics_per_celltype.csv"
+    summary_df.to_csv(paths[0], index=False)
+    per_celltype_df.to_csv(paths[1], index=False)
+    return paths
