@@ -59,3 +59,27 @@ def test_mean_shift_accepts_one_array_and_names_missing_entries(make_pair):
     del real.uns["stlib"]["train_mean_shift_X"]
     with pytest.raises(EvalError, match="train_mean_shift_X"):
         mean_shift_baseline(real)
+
+
+def test_several_perturbations_need_a_shift_per_perturbation(make_pair):
+    from stlib.evaluate.metrics import compute_metrics
+
+    pred, real = make_pair("perfect")
+    for adata in (pred, real):  # cell type B's Burn becomes a second perturbation, "Scald"
+        scald = ((adata.obs["condition"] == "Burn") & (adata.obs["cell_type"] == "B")).to_numpy()
+        adata.obs["condition"] = adata.obs["condition"].cat.add_categories("Scald")
+        adata.obs.loc[scald, "condition"] = "Scald"
+    summary, _ = compute_metrics(pred, real)
+    assert summary["gene_correlation"] == pytest.approx(1.0) and summary["n_groups"] == 6
+    shift = real.uns["stlib"]["train_mean_shift_X"]["Burn"]
+    real.uns["stlib"]["train_mean_shift_X"] = {"Burn": shift, "Scald": -shift}
+    with pytest.raises(EvalError, match="train_mean_shift_embedding.*'Scald'"):
+        mean_shift_baseline(real)
+    emb_shift = real.uns["stlib"]["train_mean_shift_embedding"]["Burn"]
+    real.uns["stlib"]["train_mean_shift_embedding"] = {"Burn": emb_shift, "Scald": -emb_shift}
+    out = mean_shift_baseline(real)
+    delta = _group_mean(out, "Burn|B|10") - _group_mean(real, "Sham|B|10")  # group ids kept; pert is Scald
+    np.testing.assert_allclose(delta, -shift, rtol=1e-4, atol=1e-5)
+    real.uns["stlib"]["train_mean_shift_X"] = shift
+    with pytest.raises(EvalError, match="2 perturbations"):
+        mean_shift_baseline(real)

@@ -74,6 +74,8 @@ def test_temporal_coherence_known_answers():
     even = np.outer([1.0, 2.0, 3.0], np.ones(5))
     assert temporal_coherence(even, even[::-1]) == pytest.approx(-1.0)  # order reversed
     assert temporal_coherence(real, real[::-1]) < -0.9
+    unrelated = np.random.default_rng(0).standard_normal((3, 30))
+    assert abs(temporal_coherence(np.outer([1.0, 2.0, 4.0], np.linspace(-1, 1, 30)), unrelated)) < 0.4
     assert temporal_coherence(real, np.ones_like(real)) == 0.0  # no movement
     assert np.isnan(temporal_coherence(np.ones_like(real), real))  # no real movement: undefined
     with pytest.raises(EvalError, match="shape"):
