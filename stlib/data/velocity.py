@@ -1,0 +1,220 @@
+"""RNA velocity with scvelo, expressed in the model's space (the embedding the ST model reads).
+
+Why: the velocity-alignment loss compares each predicted shift (pred - basal, in the model's space) with
+the cell's RNA velocity in that same space, weighted by how much scvelo trusts it.
+
+``compute_velocity`` runs scvelo on ``layers["spliced"/"unspliced"]`` of a *copy* (scvelo's
+``filter_and_normalize`` rewrites X and both layers and drops genes), then writes back into the input only:
+
+* ``obsm["velocity_<embed_key>"]`` [N, D] — scvelo's ``velocity_embedding``: for each cell the
+  transition-probability-weighted mean of unit displacement vectors to its neighbours in the embedding,
+  minus the uniform-weight mean (so a cell with no preferred direction gets ~0). This is computed in the
+  embedding's full dimension; it works for D = 64 (and 2000) because it never goes through a 2-d plot.
+  ``autoscale`` is off: scvelo's autoscale fits a matplotlib quiver on the first two dimensions, which
+  is meaningless here. The scale is arbitrary; the loss only uses directions.
+* ``obs["velocity_confidence"]`` in [0, 1] — scvelo's coherence of a cell's velocity with its
+  neighbours' (a correlation in [-1, 1]), clipped at 0; NaN -> 0.
+* ``uns["stlib_velocity"]`` = {embed_key, version, mode, n_neighbors, n_pcs} — read by the cache.
+
+X, layers, obs and var of the input are left as they were. The neighbour graph is scvelo's usual one
+(PCA of the normalised spliced counts); displacements are measured in the embedding.
+
+embed_key: an obsm key ("X_state" -> scvelo basis "state"); a key without the "X_" prefix, or "X"
+itself (the expression matrix as the model's space, densified), is copied under a temporary "X_<basis>"
+key for scvelo and removed afterwards.
+
+Shape letters: N cells, G genes, D embedding dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+PIPELINE_VERSION = "1"  # bump when the computation changes: invalidates cached files
+_TMP_BASIS = "stlib_velocity_basis"
+UNS_KEY = "stlib_velocity"
+CONFIDENCE_KEY = "velocity_confidence"
+
+
+class VelocityError(ValueError):
+    """The AnnData cannot give velocity as asked (missing layers, unknown embedding key, bad mode)."""
+
+
+def velocity_key(embed_key: str) -> str:
+    return f"velocity_{embed_key}"
+
+
+def _stochastic(scv, adata) -> None:
+    scv.tl.velocity(adata, mode="stochastic")
+
+
+def _deterministic(scv, adata) -> None:
+    scv.tl.velocity(adata, mode="deterministic")
+
+
+def _dynamical(scv, adata) -> None:  # much slower: fits the full kinetic model per gene first
+    scv.tl.recover_dynamics(adata, n_jobs=1, show_progress_bar=False)
+    scv.tl.velocity(adata, mode="dynamical")
+
+
+VELOCITY_MODES = {"stochastic": _stochastic, "deterministic": _deterministic, "dynamical": _dynamical}
+
+
+@contextlib.contextmanager
+def _quiet_scvelo():
+    """scvelo prints progress and warns about deprecated numpy/pandas use; keep the caller's log clean."""
+    import scvelo as scv
+
+    old = scv.settings.verbosity
+    scv.settings.verbosity = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield scv
+    finally:
+        scv.settings.verbosity = old
+
+
+def _check(adata: ad.AnnData, embed_key: str, mode: str) -> None:
+    missing = [k for k in ("spliced", "unspliced") if k not in adata.layers]
+    if missing:
+        have = ", ".join(adata.layers.keys()) or "none"
+        raise VelocityError(
+            f"RNA velocity needs layers['spliced'] and layers['unspliced']; missing {missing} (layers present: {have})"
+        )
+    if embed_key != "X" and embed_key not in adata.obsm:
+        have = ", ".join(adata.obsm.keys()) or "none"
+        raise VelocityError(f"embed_key={embed_key!r} is not in obsm (obsm keys: {have}; or use 'X')")
+    if mode not in VELOCITY_MODES:
+        raise VelocityError(f"mode={mode!r} is not one of {', '.join(VELOCITY_MODES)}")
+
+
+def _coordinates(adata: ad.AnnData, embed_key: str) -> np.ndarray:
+    x = adata.X if embed_key == "X" else adata.obsm[embed_key]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    return x.astype(np.float64)
+
+
+def compute_velocity(
+    adata: ad.AnnData,
+    embed_key: str = "X_state",
+    n_neighbors: int = 30,
+    n_pcs: int = 30,
+    mode: str = "stochastic",
+    min_shared_counts: int = 20,
+) -> ad.AnnData:
+    """scvelo velocity projected into obsm[embed_key]; adds obsm/obs/uns keys in place and returns adata."""
+    _check(adata, embed_key, mode)
+    import scanpy as sc
+
+    work = ad.AnnData(
+        X=adata.layers["spliced"].astype(np.float32),
+        layers={k: adata.layers[k].astype(np.float32) for k in ("spliced", "unspliced")},
+        obs=adata.obs[[]].copy(),
+        var=adata.var[[]].copy(),
+    )
+    basis = embed_key[2:] if embed_key.startswith("X_") and embed_key != "X_" else _TMP_BASIS
+    work.obsm[f"X_{basis}"] = _coordinates(adata, embed_key)
+    pcs = min(n_pcs, work.n_vars - 1, work.n_obs - 1)
+    with _quiet_scvelo() as scv:
+        # float layers would read as "already normalised" to scvelo: name them to force normalisation
+        scv.pp.filter_and_normalize(
+            work, min_shared_counts=min_shared_counts, layers_normalize=["X", "spliced", "unspliced"]
+        )
+        sc.pp.log1p(work)  # X only (for the PCA behind the neighbour graph); scvelo 0.3.4 leaves this to scanpy
+        if work.n_vars < 2:
+            raise VelocityError(f"only {work.n_vars} gene(s) pass min_shared_counts={min_shared_counts}; lower it")
+        pcs = min(pcs, work.n_vars - 1)
+        sc.pp.pca(work, n_comps=pcs, random_state=0)
+        # exact sklearn kNN + gauss kernel: no numba JIT (~25 s per process for umap/pynndescent); scvelo's
+        # moments binarise the graph anyway, so the kernel does not change Ms/Mu
+        sc.pp.neighbors(work, n_neighbors=n_neighbors, n_pcs=pcs, method="gauss", transformer="sklearn")
+        scv.pp.moments(work, n_pcs=pcs, n_neighbors=n_neighbors)
+        warnings.simplefilter("ignore")  # scvelo's deprecation helper re-enables DeprecationWarning globally
+        VELOCITY_MODES[mode](scv, work)
+        scv.tl.velocity_graph(work, n_jobs=1, show_progress_bar=False)
+        scv.tl.velocity_confidence(work)
+        scv.tl.velocity_embedding(work, basis=basis, autoscale=False)
+    v = np.nan_to_num(np.asarray(work.obsm[f"velocity_{basis}"], dtype=np.float32))
+    conf = np.nan_to_num(np.asarray(work.obs[CONFIDENCE_KEY], dtype=np.float32), nan=0.0)
+    adata.obsm[velocity_key(embed_key)] = v
+    adata.obs[CONFIDENCE_KEY] = np.clip(conf, 0.0, 1.0)
+    adata.uns[UNS_KEY] = {
+        "embed_key": embed_key,
+        "version": _version(),
+        "mode": mode,
+        "n_neighbors": n_neighbors,
+        "n_pcs": n_pcs,
+    }
+    return adata
+
+
+def _version() -> str:
+    import scvelo
+
+    return f"stlib-velocity-{PIPELINE_VERSION}/scvelo-{scvelo.__version__}"
+
+
+def default_output_path(in_path: str | Path) -> Path:
+    """`<stem>.velocity.h5ad` next to the input: never overwrites the input."""
+    in_path = Path(in_path)
+    return in_path.with_name(f"{in_path.stem}.velocity.h5ad")
+
+
+def _cached_params(path: Path) -> dict | None:
+    """uns["stlib_velocity"] of an h5ad without reading its matrices; None if absent or unreadable."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    try:
+        with h5py.File(path, "r") as f:
+            return read_elem(f[f"uns/{UNS_KEY}"]) if f"uns/{UNS_KEY}" in f else None
+    except OSError:
+        return None
+
+
+def is_cached(in_path: str | Path, out_path: str | Path, params: dict) -> bool:
+    """The output exists, is not older than the input, and this pipeline made it with the same parameters."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not out_path.exists() or os.path.getmtime(out_path) < os.path.getmtime(in_path):
+        return False
+    stored = _cached_params(out_path)
+    return bool(stored) and all(str(stored.get(k)) == str(v) for k, v in params.items())
+
+
+def run_velocity(
+    in_path: str | Path,
+    embed_key: str = "X_state",
+    out_path: str | Path | None = None,
+    n_neighbors: int = 30,
+    n_pcs: int = 30,
+    mode: str = "stochastic",
+    min_shared_counts: int = 20,
+) -> Path:
+    """Read an h5ad, add velocity (compute_velocity's keys), write it; reuse a cached output when valid.
+
+    Default output: `<stem>.velocity.h5ad` beside the input (the input is never overwritten)."""
+    in_path = Path(in_path)
+    if not in_path.exists():
+        raise VelocityError(f"input file not found: {in_path}")
+    out_path = Path(out_path) if out_path is not None else default_output_path(in_path)
+    params = {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs}
+    if is_cached(in_path, out_path, params):
+        return out_path
+    adata = ad.read_h5ad(in_path)
+    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    adata.write_h5ad(tmp)
+    os.replace(tmp, out_path)  # a crash mid-write never leaves a file the cache would trust
+    return out_path
