@@ -159,9 +159,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[stlib] %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[stlib] %(message)s"))
+    stlib_log = logging.getLogger("stlib")
+    stlib_log.addHandler(handler)
+    stlib_log.setLevel(logging.INFO)
+    stlib_log.propagate = False
     try:
         args.func(args)
     except _user_errors() as exc:

@@ -65,8 +65,9 @@ class LoraConfig:
     dropout: float = 0.05  # dropout on the adapter input
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     adapt_mlp: bool = False  # also adapt gate/up/down projections of the transformer MLP
-    # trained in full beside the adapters: what a new experiment needs (new perturbations, output heads)
-    modules_to_save: list[str] = field(default_factory=lambda: ["pert_encoder", "project_out", "gene_decoder"])
+    # trained in full beside the adapters: what a new experiment needs (its new perturbations); add
+    # "project_out" / "gene_decoder" when the output space differs from the base's
+    modules_to_save: list[str] = field(default_factory=lambda: ["pert_encoder"])
 
     def __post_init__(self):
         if self.r < 1:

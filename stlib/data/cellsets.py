@@ -113,20 +113,26 @@ class CellSetStore:
 
 
 class GroupSampler(Sampler):
-    """Per step: B group ids drawn proportionally to group size, and a seed for drawing their cells."""
+    """Per step: B group ids drawn proportionally to group size, and a seed for drawing their cells.
 
-    def __init__(self, sizes: np.ndarray, batch_size: int, n_batches: int, seed):
+    Batch k depends only on (seed, k), and the stream starts at `start_step`: a run resumed at step k draws
+    exactly the batches the unbroken run drew from step k on.
+    """
+
+    def __init__(self, sizes: np.ndarray, batch_size: int, n_batches: int, seed: int, start_step: int = 0):
         self.probs = sizes / sizes.sum()
         self.batch_size, self.n_batches = batch_size, n_batches
-        self.rng = np.random.default_rng(seed)  # advances across epochs: each epoch differs
+        self.seed, self.next_step = seed, start_step
 
     def __len__(self) -> int:
         return self.n_batches
 
     def __iter__(self):
         for _ in range(self.n_batches):
-            gids = self.rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
-            yield gids, int(self.rng.integers(2**62))
+            rng = np.random.default_rng([self.seed, self.next_step])
+            self.next_step += 1
+            gids = rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
+            yield gids, int(rng.integers(2**62))
 
 
 class RandomSets(Dataset):

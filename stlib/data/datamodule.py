@@ -259,7 +259,8 @@ class PerturbationDataModule(L.LightningDataModule):
         self.data_cfg, self.cell_set_len, self.batch_size = data_cfg, cell_set_len, batch_size
         self.need_velocity, self.seed = need_velocity, seed
         self._given_pert_map = dict(pert_map) if pert_map is not None else None
-        self.start_step = 0  # set on resume: the train sampler then starts from a fresh stream
+        self.start_step = 0  # set on resume: the training stream continues at this step
+        self.train_batches: int | None = None  # batches per training epoch; None = one pass over the data
         self._store: CellSetStore | None = None
 
     # ---------------------------------------------------------------- setup
@@ -406,10 +407,10 @@ class PerturbationDataModule(L.LightningDataModule):
         groups = self.groups("train")
         if not groups:
             raise DataError(f"no training cells: [training] in {self._split_cfg.path} selects nothing")
-        n_batches = math.ceil(self.epoch_sets() / self.batch_size)
+        n_batches = self.train_batches or math.ceil(self.epoch_sets() / self.batch_size)
         sizes = np.zeros(len(self.store.groups))
         sizes[[g.gid for g in groups]] = [g.size for g in groups]
-        sampler = GroupSampler(sizes, self.batch_size, n_batches, [self.seed, self.start_step])
+        sampler = GroupSampler(sizes, self.batch_size, n_batches, self.seed, self.start_step)
         return DataLoader(RandomSets(self.store, n_batches), batch_size=None, sampler=sampler,
                           num_workers=self.data_cfg.num_workers, persistent_workers=self.data_cfg.num_workers > 0)
 

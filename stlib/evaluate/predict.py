@@ -31,8 +31,10 @@ def _config_for(loaded: LoadedModel, data_overrides: Sequence[str]) -> Config:
     if loaded.config is not None:
         base = config_to_dict(loaded.config)
     else:  # a State run dir: its data settings, our defaults for the rest
-        base = {"data": {k: v for k, v in loaded.data_overrides.items() if v is not None},
-                "model": {"cell_set_len": loaded.model_cfg.cell_set_len}}
+        base = {
+            "data": {k: v for k, v in loaded.data_overrides.items() if v is not None},
+            "model": {"cell_set_len": loaded.model_cfg.cell_set_len},
+        }
     for key, value in parse_overrides(data_overrides).items():
         if not key.startswith("data."):
             raise ValueError(f"predict takes data.* overrides only, got {key!r}")
@@ -81,8 +83,17 @@ def _dense(matrix, rows: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def _predict_slice(model, store, gid: int, target: np.ndarray, basal_pool: np.ndarray, set_len: int,
-                   batch_size: int, rng: np.random.Generator, genes_out: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _predict_slice(
+    model,
+    store,
+    gid: int,
+    target: np.ndarray,
+    basal_pool: np.ndarray,
+    set_len: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    genes_out: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """As many predicted cells as `target` has, from sets of basal cells drawn from `basal_pool`."""
     n_sets = math.ceil(len(target) / set_len)
     basal = draw_rows(basal_pool, n_sets, set_len, rng)
@@ -105,16 +116,19 @@ def _forward(model, batch: dict) -> dict:
     return predict(*args) if callable(predict) else model(*args)
 
 
-def predict_split(loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16,
-                  seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
+def predict_split(
+    loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16, seed: int = 0
+) -> tuple[ad.AnnData, ad.AnnData]:
     """(pred, real) AnnData for every non-control group of `split`."""
     d = cfg.data
     dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed)
     dm.setup("predict")
     groups = [g for g in dm.groups(split) if g.pert != d.control_pert]
     if not groups:
-        raise ValueError(f"the {split!r} split has no perturbed groups to predict (check the TOML's "
-                         f"[zeroshot]/[fewshot] sections in {d.toml_config_path})")
+        raise ValueError(
+            f"the {split!r} split has no perturbed groups to predict (check the TOML's "
+            f"[zeroshot]/[fewshot] sections in {d.toml_config_path})"
+        )
     model = loaded.model.eval()
     store = dm.store
     obs = dm.adata.obs
@@ -125,8 +139,9 @@ def predict_split(loaded: LoadedModel, cfg: Config, split: str = "test", batch_s
     emb, genes, rows, ids = [], [], [], []
     for g in groups:
         for t, target, basal_pool in _time_slices(g, times, times):
-            e, x = _predict_slice(model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size,
-                                  rng, genes_out)
+            e, x = _predict_slice(
+                model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out
+            )
             emb.append(e)
             genes.append(x)
             rows.append(target)
@@ -159,9 +174,15 @@ def predict_split(loaded: LoadedModel, cfg: Config, split: str = "test", batch_s
     new_obs[SOURCE_INDEX_KEY] = all_rows
     new_obs.index = [f"cell{i}" for i in range(len(all_rows))]
     settings = {
-        "model": loaded.run_dir.name if loaded.run_dir else "model", "embed_key": d.embed_key,
-        "pert_col": d.pert_col, "control_pert": d.control_pert, "cell_type_key": ct_col, "time_col": d.time_col or "",
-        "batch_col": d.batch_col or "", "space": space, "split": split,
+        "model": loaded.run_dir.name if loaded.run_dir else "model",
+        "embed_key": d.embed_key,
+        "pert_col": d.pert_col,
+        "control_pert": d.control_pert,
+        "cell_type_key": ct_col,
+        "time_col": d.time_col or "",
+        "batch_col": d.batch_col or "",
+        "space": space,
+        "split": split,
         "train_mean_shift_X": _train_mean_shift(dm, shift_matrix, d.control_pert),
         "train_mean_shift_embedding": _train_mean_shift(dm, store.embed, d.control_pert),
     }
@@ -175,9 +196,15 @@ def predict_split(loaded: LoadedModel, cfg: Config, split: str = "test", batch_s
     return pred, real
 
 
-def predict_run(run_dir: str | Path, checkpoint: str | None = None, split: str = "test",
-                out_dir: str | Path = "results/predictions", name: str | None = None,
-                data_overrides: Sequence[str] = (), seed: int = 0) -> tuple[Path, Path]:
+def predict_run(
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    split: str = "test",
+    out_dir: str | Path = "results/predictions",
+    name: str | None = None,
+    data_overrides: Sequence[str] = (),
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """`stlib predict`: load a run (ours or State's), predict `split`, write <name>_pred/_real.h5ad."""
     loaded = load_any(run_dir, checkpoint)
     cfg = _config_for(loaded, data_overrides)

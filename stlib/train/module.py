@@ -145,10 +145,12 @@ class STLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """RNG state goes into the checkpoint so a resumed run draws the same dropout masks as an unbroken one."""
+        """RNG state goes into the checkpoint so a resumed run draws the same dropout masks as an unbroken one.
+        Stored as tensors and ints, so the checkpoint still loads with torch.load(weights_only=True)."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_state"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": random.getstate(),
         }
 
@@ -156,5 +158,6 @@ class STLightningModule(L.LightningModule):
         state = checkpoint.get("rng_state")
         if state:
             torch.set_rng_state(state["torch"])
-            np.random.set_state(state["numpy"])
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(state["python"])

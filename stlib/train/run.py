@@ -166,7 +166,8 @@ def save_plain_checkpoint(model: nn.Module, path: Path, step: int = 0) -> None:
                 "epoch": 0}, path)
 
 
-def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None = None) -> Path:
+def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None = None,
+          extra_callbacks: Sequence = ()) -> Path:
     """Train (or, with training.max_steps=0, just materialise) a model into {output_dir}/{name}/."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -202,6 +203,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         start_step = int(torch.load(resume_path, map_location="cpu", weights_only=False).get("global_step", 0))
         print(f"[stlib] resuming from {resume_path} at step {start_step}", flush=True)
     prep.datamodule.start_step = start_step
+    prep.datamodule.train_batches = tcfg.max_steps  # one epoch = the whole run: no epoch boundary to resume across
 
     module = STLightningModule(prep.model, cfg)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
@@ -210,7 +212,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step_{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=tcfg.ckpt_every_n_steps, save_top_k=-1, save_last=True)
     accelerator, devices = _resolve_devices(tcfg)
-    callbacks = [checkpoint, LineProgress()]
+    callbacks = [checkpoint, LineProgress(), *extra_callbacks]
     if tcfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, tcfg.log_every_n_steps)))
     trainer = L.Trainer(
