@@ -24,11 +24,13 @@ Shapes: B sets, S cells per set, N = B*S tokens, D hidden width, K streams, M = 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from stlib.config import MHCConfig
+if TYPE_CHECKING:  # only for annotations: keeps this module importable without omegaconf (benchmarks/.venv)
+    from stlib.config import MHCConfig
 
 # static H_res logits: 0 on the diagonal, this on the off-diagonal (diag weight 0.71 for K = 4). Identity-
 # leaning so streams keep their identity; not more, because Sinkhorn's rate is ~ sigma_2(H_res)^2 per sweep
@@ -39,6 +41,7 @@ RES_OFF_DIAGONAL_LOGIT = -2.0
 PRE_PRIMARY_WEIGHT = 0.5
 NEWTON_ITERS = 30  # cap on Newton polishing steps for matrices Sinkhorn leaves above tol
 _CHECK_EVERY = 5  # Sinkhorn sweeps between convergence checks (each check is a host sync)
+_EARLY_CHECKS = (1, 3)  # plus these: identical, already-balanced matrices (mHC at init) stop after one sweep
 _RIDGE = 1e-12  # keeps the graph-Laplacian solves regular when a matrix is (numerically) decomposable
 
 
@@ -77,7 +80,7 @@ def _sinkhorn_sweeps(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
     for i in range(n_iters):
         m.div_(m.sum(-2, keepdim=True))
         m.div_(m.sum(-1, keepdim=True))
-        if (i + 1) % _CHECK_EVERY == 0 and (m.sum(-2) - 1).abs().max().item() < tol:
+        if (i + 1 in _EARLY_CHECKS or (i + 1) % _CHECK_EVERY == 0) and (m.sum(-2) - 1).abs().max().item() < tol:
             break
     return m
 
@@ -100,16 +103,25 @@ def _newton_polish(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
             break
         d = torch.linalg.solve_ex(_laplacian_system(m), (1 - c).unsqueeze(-1))[0].squeeze(-1)  # [N, n]
         d = d - d.mean(-1, keepdim=True)
-        size = d.abs().amax(-1).clamp_min(1e-300)  # [N]
-        t = torch.cat([rel[:, None].expand(-1, d.shape[0]), absolute[:, None] / size])  # [T, N]
-        step = t.clamp_max(300.0 / size).unsqueeze(-1) * d  # [T, N, n]; exp stays finite in float64
-        psi = torch.log((m * step.exp().unsqueeze(-2)).sum(-1)).sum(-1) - step.sum(-1)  # [T, N]
-        best = step.gather(0, psi.argmin(0)[None, :, None].expand(1, -1, d.shape[-1]))[0]
+        psi_full = torch.log((m * d.exp().unsqueeze(-2)).sum(-1)).sum(-1) - d.sum(-1)  # [N], psi(now) = 0
+        if psi_full.max().item() <= 0:  # the common, quadratic phase: the full Newton step decreases psi
+            best = d
+        else:
+            best = _line_search(m, d, rel, absolute)
         m = m * best.exp().unsqueeze(-2)
         m = m / m.sum(-1, keepdim=True)
         m = m / m.sum(-2, keepdim=True)
         m = m / m.sum(-1, keepdim=True)
     return m
+
+
+def _line_search(m: torch.Tensor, d: torch.Tensor, rel: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
+    """Per matrix, the step among relative (t * d) and absolute (2^k along d / max|d|) candidates minimising psi."""
+    size = d.abs().amax(-1).clamp_min(1e-300)  # [N]
+    t = torch.cat([rel[:, None].expand(-1, d.shape[0]), absolute[:, None] / size])  # [T, N]
+    step = t.clamp_max(300.0 / size).unsqueeze(-1) * d  # [T, N, n]; exp stays finite in float64
+    psi = torch.log((m * step.exp().unsqueeze(-2)).sum(-1)).sum(-1) - step.sum(-1)  # [T, N]
+    return step.gather(0, psi.argmin(0)[None, :, None].expand(1, -1, d.shape[-1]))[0]
 
 
 def _project(logits: torch.Tensor, n_iters: int, tol: float, newton_iters: int) -> torch.Tensor:
@@ -256,8 +268,8 @@ class ManifoldHyperConnections(nn.Module):
         for index, branch in enumerate(branches):
             pre, post_half, res = self.coefficients(x, index)
             y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(n, 1, d)  # F(H_pre X)
-            # X <- H_res X + H_post^T y, with H_post = 2 * post_half folded into baddbmm's alpha
-            x = torch.baddbmm(res @ x, post_half.unsqueeze(-1), y, alpha=2.0)
+            # X <- H_res X + H_post^T y, with H_post = 2 * post_half folded into addcmul's value
+            x = torch.addcmul(res @ x, post_half.unsqueeze(-1), y, value=2.0)
             self._last_res.append(res.detach())
         return x.view(b, s, k, d)
 
