@@ -63,6 +63,8 @@ def test_embed_key_without_x_prefix_gives_the_same_velocity(small):
     vel.compute_velocity(adata, embed_key="state_copy", n_neighbors=15, n_pcs=10)
     np.testing.assert_allclose(adata.obsm["velocity_state_copy"], ref.obsm["velocity_X_state"], atol=1e-5)
     assert not any("stlib_velocity_basis" in k for k in adata.obsm)
+    vel.compute_velocity(adata, embed_key="X", n_neighbors=15, n_pcs=10)  # the expression matrix as the space
+    assert adata.obsm["velocity_X"].shape == (small.n_obs, small.n_vars)
 
 
 def test_missing_layers_are_named(raw):
@@ -99,3 +101,14 @@ def test_run_velocity_writes_then_hits_cache(small, tmp_path, monkeypatch):
     os.utime(src, (stamp, stamp))  # input newer than output: recomputed
     vel.run_velocity(src, "X_state", n_neighbors=10, n_pcs=10)
     assert len(calls) == 2
+    vel.run_velocity(src, "X_state", n_neighbors=10, n_pcs=10, force=True)
+    assert len(calls) == 3
+
+
+def test_run_velocity_in_place(small, tmp_path):
+    path = tmp_path / "inplace.h5ad"
+    small.write_h5ad(path)
+    assert vel.run_velocity(path, "X_state", out_path=path, n_neighbors=15, n_pcs=10) == path
+    back = ad.read_h5ad(path)
+    assert "velocity_X_state" in back.obsm and (back.X != small.X).nnz == 0
+    assert vel.is_cached(path, path, dict(back.uns["stlib_velocity"]))
