@@ -25,7 +25,7 @@ def tiny_study(tmp_path_factory) -> Path:
     from stlib.data.synthetic import write_default_data
 
     root = tmp_path_factory.mktemp("study")
-    write_default_data(root / "data", n_cells=900, n_genes=60, embed_dim=16, n_source_cells=900, seed=0)
+    write_default_data(root / "data", n_cells=900, n_genes=150, embed_dim=16, n_source_cells=900, seed=0)
     return root
 
 

@@ -155,7 +155,11 @@ class STLightningModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rng_state")
+        # Applied at the first resumed batch, not now: creating DataLoader iterators draws from the torch RNG.
+        self._pending_rng = checkpoint.get("rng_state")
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        state, self._pending_rng = getattr(self, "_pending_rng", None), None
         if state:
             torch.set_rng_state(state["torch"])
             kind, keys, pos, has_gauss, cached = state["numpy"]

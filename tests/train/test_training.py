@@ -1,0 +1,191 @@
+"""Training end to end on tiny generated data: run dir, logs, variants, frozen weights, resume, NaN guard."""
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from stlib.config import ConfigError, load_config
+from stlib.data.errors import DataError
+from stlib.evaluate.tensorboard import read_scalars
+from stlib.models.loading import load_any, load_lightning_state_dict
+from stlib.train.module import NonFiniteLossError, warmup_cosine
+from stlib.train.run import extend_pert_map, train
+
+VARIANTS = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
+
+
+def finetune_cfg(root, base, variant, steps=6, extra=()):
+    steps = 0 if variant == "baseline" else steps  # the baseline is the base, not trained
+    overrides = tiny_overrides(root, variant, "wound_healing.toml", steps) + [
+        f"model.init_from={base}", "model.velocity_warmup_steps=2", *extra]
+    return load_config(REPO / "configs" / "variants" / f"{variant}.yaml", overrides), overrides
+
+
+@pytest.fixture(scope="module")
+def velocity_study(tiny_study):
+    """The tiny wound data with scvelo velocity in the model's space (what `stlib velocity` writes)."""
+    from stlib.data.velocity import run_velocity
+
+    path = tiny_study / "data" / "wound_healing.h5ad"
+    run_velocity(path, embed_key="X_state", out_path=path)
+    return tiny_study
+
+
+def test_pretrain_writes_a_complete_run_dir_and_learns(tiny_base):
+    for name in ("config.yaml", "model_dims.json", "pert_onehot_map.pt", "cell_type_onehot_map.torch",
+                 "trainable_params.json", "run_summary.json", "checkpoints/final.ckpt", "checkpoints/last.ckpt",
+                 "checkpoints/step_10.ckpt"):
+        assert (tiny_base / name).exists(), name
+    scalars = read_scalars(tiny_base)
+    tags = set(scalars.tag)
+    assert {"train/loss", "train/energy", "val/loss", "train/grad_norm", "lr", "perf/cells_per_sec"} <= tags
+    loss = scalars[scalars.tag == "train/loss"].sort_values("step").value.to_numpy()
+    assert loss[-5:].mean() < 0.9 * loss[:5].mean(), "pretraining did not reduce the loss"
+    assert json.loads((tiny_base / "run_summary.json").read_text())["steps"] == 30
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_control_shares_the_base_column_and_new_perturbations_get_new_ones():
+    mapping, new = extend_pert_map({"DMSO": 0, "drugA": 1}, "DMSO", ["Sham", "Burn"], "Sham")
+    assert mapping == {"DMSO": 0, "drugA": 1, "Sham": 0, "Burn": 2} and new == ["Burn"]
+    with pytest.raises(ConfigError, match="cannot place control 'Sham'"):
+        extend_pert_map({"drugA": 0}, None, ["Sham"], "Sham")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_fine_tunes_from_the_base(velocity_study, tiny_base, variant):
+    cfg, overrides = finetune_cfg(velocity_study, tiny_base, variant)
+    run_dir = train(cfg, overrides)
+    loaded = load_any(run_dir)
+    assert loaded.pert_map["Sham"] == loaded.pert_map["DMSO_TF"]  # the control reuses the base's column
+    assert "Burn" in loaded.pert_map
+    trainable = json.loads((run_dir / "trainable_params.json").read_text())["fraction"]
+    tags = set(read_scalars(run_dir).tag) if variant != "baseline" else set()
+    if variant == "baseline":
+        assert not (run_dir / "tensorboard").exists()  # nothing trained
+        return
+    assert trainable < 0.5  # LoRA: a fraction of the weights
+    assert ("mhc/amax_gain_forward" in tags) == ("mhc" in variant)
+    mhc_params = [p for n, p in loaded.model.named_parameters() if "hyper_connections" in n]
+    assert bool(mhc_params) == ("mhc" in variant) and all(p.requires_grad for p in mhc_params)
+    assert ("train/velocity_loss" in tags) == ("velocity" in variant)
+    assert (run_dir / "checkpoints" / "adapter.pt").exists()
+
+
+def test_lora_fine_tuning_leaves_the_base_weights_untouched(tiny_study, tiny_base):
+    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", extra=["name=frozen_check"])
+    run_dir = train(cfg, overrides)
+    base = load_lightning_state_dict(tiny_base / "checkpoints" / "final.ckpt")
+    tuned = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
+    prefix = "base_model.model."
+    checked = 0
+    for key, value in base.items():
+        if key.startswith(("pert_encoder.", "transformer_backbone.embed_tokens")):
+            continue  # the perturbation encoder trains (new Burn column); embed_tokens is unused
+        lora_key = prefix + key.replace(".weight", ".base_layer.weight") if "_proj.weight" in key else prefix + key
+        if lora_key not in tuned and prefix + key in tuned:
+            lora_key = prefix + key
+        if any(p in key for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            lora_key = prefix + key.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(tuned[lora_key], value, rtol=0, atol=0, msg=key)
+        checked += 1
+    assert checked > 10
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in tuned.items())  # the adapters did learn
+
+
+class _CrashAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study):
+    common = tiny_overrides(tiny_study, "unbroken", "source_perturbations.toml", 12) + [
+        "training.ckpt_every_n_steps=4", "model.dropout=0.1"]
+    cfg = load_config(REPO / "configs" / "pretrain.yaml", common)
+    unbroken = train(cfg, common)
+
+    broken_overrides = [*common, "name=broken"]
+    cfg_b = load_config(REPO / "configs" / "pretrain.yaml", broken_overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg_b, broken_overrides, extra_callbacks=[_CrashAt(6)])
+    assert json.loads((cfg_b.run_dir / "run_summary.json").read_text())["status"] == "failed"
+    assert not (cfg_b.run_dir / "checkpoints" / "final.ckpt").exists()
+    resumed = train(cfg_b, broken_overrides)  # re-run into the same run dir: resumes from last.ckpt (step 4)
+
+    a = load_lightning_state_dict(unbroken / "checkpoints" / "final.ckpt")
+    b = load_lightning_state_dict(resumed / "checkpoints" / "final.ckpt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    steps = read_scalars(resumed)
+    assert steps[steps.tag == "train/loss"].step.max() >= 11
+
+
+class _PoisonAt(L.Callback):
+    """Turns one weight into NaN, as a diverging run would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_study):
+    overrides = tiny_overrides(tiny_study, "nan_run", "source_perturbations.toml", 20)
+    cfg = load_config(REPO / "configs" / "pretrain.yaml", overrides)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7.*last checkpoint"):
+        train(cfg, overrides, extra_callbacks=[_PoisonAt(7)])
+    last = load_lightning_state_dict(cfg.run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(v).all() for v in last.values())
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ("data.pert_col=treatment", DataError, r"obs column 'treatment' \(data.pert_col\) not in .*wound_healing.h5ad; obs columns: .*'condition'"),
+    ("data.control_pert=PBS", DataError, r"control 'PBS' \(data.control_pert\).*'Burn', 'Sham'"),
+    ("data.embed_key=X_pca", DataError, r"obsm 'X_pca' \(data.embed_key\) not found.*X_state"),
+    ("model.init_from=/nowhere/base", ValueError, r"model path not found: /nowhere/base"),
+])
+def test_bad_input_fails_before_any_training(tiny_study, tiny_base, override, error, match):
+    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", extra=["name=bad_input", override])
+    with pytest.raises(error, match=match):
+        train(cfg, overrides)
+    assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_velocity_variant_without_velocity_says_what_to_run(tiny_study, tiny_base, tmp_path):
+    import anndata as ad
+
+    src = ad.read_h5ad(tiny_study / "data" / "wound_healing.h5ad")
+    for key in [k for k in src.obsm if k.startswith("velocity_")]:
+        del src.obsm[key]
+    src.write_h5ad(tmp_path / "wound_healing.h5ad")
+    (tmp_path / "wound_healing.toml").write_text((tiny_study / "data" / "wound_healing.toml").read_text())
+    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora_velocity",
+                                  extra=[f"data.toml_config_path={tmp_path / 'wound_healing.toml'}"])
+    with pytest.raises(DataError, match=r"velocity_X_state.*run `stlib velocity"):
+        train(cfg, overrides)
+
+
+def test_training_is_deterministic_for_a_seed(tiny_study):
+    outs = []
+    for name in ("seed_a", "seed_b"):
+        overrides = tiny_overrides(tiny_study, name, "source_perturbations.toml", 3)
+        run = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+        outs.append(load_lightning_state_dict(run / "checkpoints" / "final.ckpt"))
+    key = next(k for k in outs[0] if k.endswith("q_proj.weight"))
+    assert np.array_equal(outs[0][key].numpy(), outs[1][key].numpy())
