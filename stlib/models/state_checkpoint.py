@@ -56,6 +56,8 @@ MODEL_KEYS = {
     "blur": "blur",
     "decoder_weight": "decoder_loss_weight",
 }
+# State's own defaults where they differ from ours: a State config without the key built this.
+STATE_DEFAULTS = {"n_encoder_layers": 2, "n_decoder_layers": 2, "dropout": 0.1}
 # Options whose non-default value changes the network in a way we do not implement: {key: the value we support}.
 UNSUPPORTED = {
     "transformer_backbone_key": "llama",
@@ -181,6 +183,7 @@ def _check_supported(kw: dict, backbone: dict) -> None:
 
 def model_config_from_state(kw: dict, gene_decoder: dict | None, embed_key: str | None) -> ModelConfig:
     """Translate State's model kwargs (+ its decoder_cfg) into our ModelConfig."""
+    kw = {**STATE_DEFAULTS, **kw}
     backbone = dict(kw.get("transformer_backbone_kwargs") or {})
     _check_supported(kw, backbone)
     fields: dict[str, Any] = {ours: kw[theirs] for theirs, ours in MODEL_KEYS.items() if kw.get(theirs) is not None}

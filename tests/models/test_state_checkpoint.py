@@ -131,3 +131,14 @@ def test_var_dims_refuses_arbitrary_objects(tmp_path):
     with pytest.raises(StateCheckpointError, match="shutil.rmtree"):
         read_var_dims(path)
     assert (tmp_path / "victim").is_dir()
+
+
+def test_state_defaults_apply_when_keys_are_absent():
+    from stlib.models.state_checkpoint import model_config_from_state
+
+    kw = {"hidden_dim": 32, "transformer_backbone_kwargs": {"hidden_size": 32, "num_attention_heads": 4}}
+    cfg = model_config_from_state(kw, gene_decoder=None, embed_key="X_emb")
+    assert (cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.dropout) == (2, 2, 0.1)  # State's code defaults
+    assert cfg.output_relu  # State clamps at 0 when there is no gene decoder
+    with pytest.raises(StateCheckpointError, match="hidden_size=64"):
+        model_config_from_state({"hidden_dim": 32, "transformer_backbone_kwargs": {"hidden_size": 64}}, None, None)
