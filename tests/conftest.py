@@ -44,3 +44,13 @@ def tiny_base(tiny_study) -> Path:
 
     overrides = tiny_overrides(tiny_study, "base", "source_perturbations.toml", 30) + ["training.lr=3e-3"]
     return train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+
+
+@pytest.fixture(scope="session")
+def velocity_data(tiny_study) -> Path:
+    """The tiny wound data with scvelo velocity in the model's space (what `stlib velocity` writes)."""
+    from stlib.data.velocity import run_velocity
+
+    path = tiny_study / "data" / "wound_healing.h5ad"
+    run_velocity(path, embed_key="X_state", out_path=path)
+    return tiny_study

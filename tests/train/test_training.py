@@ -25,16 +25,6 @@ def finetune_cfg(root, base, variant, steps=6, extra=()):
     return load_config(REPO / "configs" / "variants" / f"{variant}.yaml", overrides), overrides
 
 
-@pytest.fixture(scope="module")
-def velocity_study(tiny_study):
-    """The tiny wound data with scvelo velocity in the model's space (what `stlib velocity` writes)."""
-    from stlib.data.velocity import run_velocity
-
-    path = tiny_study / "data" / "wound_healing.h5ad"
-    run_velocity(path, embed_key="X_state", out_path=path)
-    return tiny_study
-
-
 def test_pretrain_writes_a_complete_run_dir_and_learns(tiny_base):
     for name in ("config.yaml", "model_dims.json", "pert_onehot_map.pt", "cell_type_onehot_map.torch",
                  "trainable_params.json", "run_summary.json", "checkpoints/final.ckpt", "checkpoints/last.ckpt",
@@ -62,8 +52,8 @@ def test_control_shares_the_base_column_and_new_perturbations_get_new_ones():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_fine_tunes_from_the_base(velocity_study, tiny_base, variant):
-    cfg, overrides = finetune_cfg(velocity_study, tiny_base, variant)
+def test_every_variant_fine_tunes_from_the_base(velocity_data, tiny_base, variant):
+    cfg, overrides = finetune_cfg(velocity_data, tiny_base, variant)
     run_dir = train(cfg, overrides)
     loaded = load_any(run_dir)
     assert loaded.pert_map["Sham"] == loaded.pert_map["DMSO_TF"]  # the control reuses the base's column

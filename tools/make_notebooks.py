@@ -1,0 +1,93 @@
+import nbformat as nbf
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+def nb(cells):
+    n = new_notebook(cells=cells)
+    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    n.metadata["language_info"] = {"name": "python"}
+    return n
+
+def params(src):
+    c = new_code_cell(src); c.metadata["tags"] = ["parameters"]; return c
+
+train = nb([
+    new_markdown_cell("""# Train all variants
+
+Writes one script per variant to `train_scripts/train_<variant>.sh`, then (with `run_mode = "sequential"`) runs
+them one after another, each through `tee` into `logs/<variant>_training.log`, and shows a status table.
+With `run_mode = "scripts_only"` it only writes the scripts and prints the commands (for several GPUs, SLURM,
+or a terminal). Training happens in the scripts, not in this kernel; all logic lives in `stlib`.
+
+Batch run: `papermill notebooks/train_all_variants.ipynb results/executed/train_all_variants.ipynb -k python3 -p max_steps 300`"""),
+    params("""# Parameters (papermill: -p name value). None keeps the value in configs/.
+data_toml = "data/wound_healing.toml"    # State-style TOML naming your .h5ad
+base_checkpoint = "results/runs/base"    # stlib run dir, State run dir (e.g. ST-Tahoe) or .ckpt
+variants = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
+max_steps = 300
+batch_size = 8
+lr = None                                # None: the config's (5e-4 CPU demo; the study plan used 5e-5 for 10k steps)
+devices = None                           # None: one GPU if present, else CPU
+output_root = "results/runs"
+seed = 42
+run_mode = "sequential"                  # "sequential" | "scripts_only"
+launcher = "bash"                        # "bash" | "slurm" (writes .sbatch files)
+overwrite = False                        # True: retrain finished variants (old run dirs are moved aside)
+extra_overrides = []                     # any other key=value, e.g. ["model.hidden_dim=256"]
+scripts_dir = "train_scripts"            # where the scripts go (relative to the repository root)
+logs_dir = "logs"                        # where `tee` writes <variant>_training.log"""),
+    new_code_cell("""import os
+from stlib import scripts, workflow
+
+root = workflow.find_repo_root()
+os.chdir(root)
+overrides = workflow.training_overrides(data_toml, base_checkpoint, max_steps, batch_size, lr, devices, output_root,
+                                        seed, extra_overrides)
+specs = scripts.plan_scripts(variants, out_dir=scripts_dir, overrides=overrides, log_dir=logs_dir, launcher=launcher)
+print("\\n".join(str(s.path) for s in specs))"""),
+    new_markdown_cell("Commands to run the variants yourself — one after another, side by side on several GPUs, and TensorBoard for all of them:"),
+    new_code_cell("""print("\\n".join(f"bash {s.path} 2>&1 | tee {s.log}" for s in specs))
+print()
+print("\\n".join(scripts.parallel_commands(specs, gpus=[0, 1, 2, 3])))
+print()
+print(scripts.tensorboard_command(specs))"""),
+    new_code_cell("""status = scripts.run_scripts(specs, overwrite=overwrite) if run_mode == "sequential" and launcher == "bash" else None"""),
+    new_code_cell("""scripts.status_table(specs)"""),
+])
+
+compare = nb([
+    new_markdown_cell("""# Compare results
+
+Predicts the held-out cells with every trained variant (`stlib predict`), evaluates them beside two baselines —
+`control_mean` (no effect) and `mean_shift` (training-set mean Burn−Sham shift added to controls) — and the
+pretrained negative control (`baseline`), then draws loss curves, gradient-norm stability, a shared UMAP of real
+vs predicted cells and metric heatmaps. Figures and CSVs land in `results/`.
+
+Batch run: `papermill notebooks/compare_results.ipynb results/executed/compare_results.ipynb -k python3`"""),
+    params("""variants = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
+runs_root = "results/runs"
+results_dir = "results"
+predictions_dir = "results/predictions"
+split = "test\""""),
+    new_code_cell("""%matplotlib inline
+import os
+from stlib import workflow
+
+os.chdir(workflow.find_repo_root())
+pred_paths = workflow.predict_all(variants, runs_root, predictions_dir, split)
+pred_paths"""),
+    new_markdown_cell("## Accuracy on held-out groups (models and baselines)"),
+    new_code_cell("""summary, per_celltype = workflow.evaluate_all(pred_paths, results_dir)
+summary"""),
+    new_code_cell("""per_celltype"""),
+    new_code_cell("""workflow.metrics_heatmap_figure(summary, per_celltype, results_dir)"""),
+    new_markdown_cell("## Training dynamics: loss curves and gradient-norm stability"),
+    new_code_cell("""scalars = workflow.load_all_scalars(variants, runs_root)
+workflow.loss_curves_figure(scalars, results_dir)"""),
+    new_code_cell("""workflow.grad_norm_figure(scalars, results_dir)"""),
+    new_code_cell("""workflow.training_dynamics_table(variants, runs_root, results_dir)"""),
+    new_markdown_cell("## Real vs predicted cells: one shared UMAP, one panel per model"),
+    new_code_cell("""workflow.umap_figure(pred_paths, results_dir)"""),
+])
+nbf.write(train, "/work/main/notebooks/train_all_variants.ipynb")
+nbf.write(compare, "/work/main/notebooks/compare_results.ipynb")
+print("ok")
