@@ -5,6 +5,9 @@ Reference configuration (study anchors): hidden 128, 8 layers, 8 heads x 16, FFN
 on the 2-core reference machine: median 3.9 steps/s (~2000 cells/s); the goal is >= 1.5x that.
 
     python benchmarks/bench_model.py [--threads 2] [--steps 60] [--repeats 5] [--profile]
+
+On a machine shared with other busy processes, OpenMP's default spin-waiting makes 2 threads several times
+slower than 1 (threads spin while their partner is descheduled); run with OMP_WAIT_POLICY=PASSIVE there.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def main():
     med = statistics.median(rates)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} trainable={n_params:,} "
-          f"fused_adamw={args.fused_adamw}")
+          f"fused_adamw={args.fused_adamw} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(f"steps/s: median {med:.2f} (min {min(rates):.2f}, max {max(rates):.2f}, {args.repeats}x{args.steps} steps)")
     print(f"cells/s: {med * B * S:.0f}   vs arc-state 3.9 steps/s: {med / 3.9:.2f}x")
     # CPU seconds per step (all threads): a load-independent cost when other processes share the cores
