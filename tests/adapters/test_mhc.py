@@ -122,6 +122,16 @@ def test_sinkhorn_gradient_finite_and_flows(scale):
     assert logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 4), (6, 4, 4)])
+def test_sinkhorn_leaves_its_input_alone(shape):
+    """The projection works in place on a float64 batch-last copy; a float64 input must not be that copy."""
+    torch.manual_seed(11)
+    logits = torch.randn(*shape, dtype=torch.float64) * 3
+    before = logits.clone()
+    sinkhorn_knopp(logits)
+    assert torch.equal(logits, before)
+
+
 def test_sinkhorn_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         sinkhorn_knopp(torch.zeros(2, 3, 4))
