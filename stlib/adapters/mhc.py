@@ -221,6 +221,67 @@ def sinkhorn_knopp(
     return _SinkhornKnopp.apply(logits, n_iters, tol, newton_iters)
 
 
+# ------------------------------------------------------------------------------------------- fused branch read
+
+
+class _BranchRead(torch.autograd.Function):
+    """One node for a branch's whole coefficient path and stream read; hand-written backward.
+
+    x [N, K, D] -> branch input H_pre x [N, D], mixed streams H_res x [N, K, D], H_post [N, K], H_res [N, K, K]
+    (no gradient; for stability_stats). Same maths as ManifoldHyperConnections.coefficients: c = bias + gate *
+    (x phi) / rms(x); H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn. The eager graph of those ~25 ops
+    costs more than their arithmetic; here the forward is one matmul, one batched [H_pre; H_res] x product and
+    the projection, and the backward two matmuls, two batched products and one Laplacian solve.
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi, bias, alpha, group, n_iters, tol, newton_iters, eps):
+        n, k, d = x.shape
+        flat = x.reshape(n, k * d)
+        t = flat @ phi  # [N, M]
+        r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_().div_(k * d).add_(eps))
+        gate = alpha[group]
+        u = t * r
+        c = torch.addcmul(bias, u, gate)
+        gates = torch.sigmoid(c[:, : 2 * k])
+        p = _project(_batch_last(c[:, 2 * k :].reshape(n, k, k)), n_iters, tol, newton_iters)  # [K, K, N] f64
+        a = torch.cat([gates[:, None, :k], p.permute(2, 0, 1).to(x.dtype)], 1)  # [N, K+1, K]: [H_pre; H_res]
+        z = a @ x  # [N, K+1, D]
+        ctx.save_for_backward(x, phi, t, r, u, gate, gates, a, p)
+        ctx.group = group
+        res = a[:, 1:]
+        ctx.mark_non_differentiable(res)
+        return z[:, 0], z[:, 1:], 2 * gates[:, k:], res
+
+    @staticmethod
+    def backward(ctx, g_inp, g_mixed, g_post, _):
+        x, phi, t, r, u, gate, gates, a, p = ctx.saved_tensors
+        n, k, d = x.shape
+        g_z = torch.cat([g_inp.unsqueeze(1), g_mixed], 1)  # [N, K+1, D]
+        g_a = g_z @ x.transpose(1, 2)  # [N, K+1, K]
+        g_x = a.transpose(1, 2) @ g_z  # [N, K, D]
+        sig_grad = gates * (1 - gates)  # sigmoid' for pre and post
+        g_res = _project_backward(p, _batch_last(g_a[:, 1:]))  # [K, K, N] f64
+        g_c = torch.cat(
+            [
+                g_a[:, 0] * sig_grad[:, :k],
+                2 * g_post * sig_grad[:, k:],
+                g_res.permute(2, 0, 1).reshape(n, k * k).to(x.dtype),
+            ],
+            1,
+        )  # [N, M]
+        g_bias = g_c.sum(0)
+        g_alpha = torch.zeros(3, dtype=x.dtype, device=x.device).index_add_(0, ctx.group, (g_c * u).sum(0))
+        g_u = g_c * gate
+        g_t = g_u * r
+        flat = x.reshape(n, k * d)
+        g_phi = (g_t.T @ flat).T  # [K*D, M]; this orientation is the faster matmul on CPU
+        # r = (|flat|^2 / KD + eps)^(-1/2): dr/dflat = -r^3 flat / KD
+        scale = (g_u * t).sum(-1, keepdim=True) * r.pow(3) / (-k * d)
+        g_x.view(n, k * d).add_(torch.addmm(flat * scale, g_t, phi.T))
+        return g_x, g_phi, g_bias, g_alpha, None, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------------- module
 
 
@@ -298,12 +359,12 @@ class ManifoldHyperConnections(nn.Module):
         n, k = b * s, self.n_streams
         x = h.reshape(n, 1, d).expand(n, k, d).contiguous()  # [N, K, D]: K identical copies
         self._last_res = []
+        args = (self.group, self.sinkhorn_iters, self.sinkhorn_tol, NEWTON_ITERS, self.eps)
         for index, branch in enumerate(branches):
-            pre, post_half, res = self.coefficients(x, index)
-            y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(n, 1, d)  # F(H_pre X)
-            # X <- H_res X + H_post^T y, with H_post = 2 * post_half folded into addcmul's value
-            x = torch.addcmul(res @ x, post_half.unsqueeze(-1), y, value=2.0)
-            self._last_res.append(res.detach())
+            inp, mixed, post, res = _BranchRead.apply(x, self.phi[index], self.bias[index], self.alpha[index], *args)
+            y = branch(inp.view(b, s, d)).reshape(n, 1, d)  # F(H_pre X)
+            x = torch.addcmul(mixed, post.unsqueeze(-1), y)  # X <- H_res X + H_post^T y
+            self._last_res.append(res)
         return x.view(b, s, k, d)
 
     @torch.no_grad()

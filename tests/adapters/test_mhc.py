@@ -160,6 +160,38 @@ def test_static_coefficients_at_init():
         assert torch.allclose(res, res[:1].expand_as(res))  # same for every token: phi = 0
 
 
+def eager_streams(mhc: ManifoldHyperConnections, h: torch.Tensor, branches) -> torch.Tensor:
+    """The paper's update written with plain autograd through `coefficients` (the reference for the fused node)."""
+    b, s, d = h.shape
+    x = h.reshape(b * s, 1, d).expand(-1, mhc.n_streams, -1)
+    for index, branch in enumerate(branches):
+        pre, post_half, res = mhc.coefficients(x, index)
+        y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(b * s, 1, d)
+        x = res @ x + 2 * post_half.unsqueeze(-1) * y
+    return x.view(b, s, mhc.n_streams, d)
+
+
+def test_fused_branch_read_matches_eager_autograd():
+    """Forward and every gradient (x, phi, alpha, bias) of the hand-written backward == autograd, float64, trained state."""
+    torch.manual_seed(12)
+    backbone = ToyBackbone().double()
+    mhc = ManifoldHyperConnections(16, 4, n_streams=4, sinkhorn_tol=1e-12).double()
+    with torch.no_grad():  # token-dependent coefficients and an unbalanced static part: every path does work
+        mhc.phi.normal_(0, 0.2)
+        mhc.alpha.uniform_(0.5, 1.5)
+        mhc.bias.add_(torch.randn_like(mhc.bias))
+    branches = [f for layer in backbone.layers for f in (layer.attn_branch, layer.mlp_branch)]
+    h = torch.randn(2, 5, 16, dtype=torch.float64)
+    weight = torch.randn(2, 5, 4, 16, dtype=torch.float64)
+    grads = []
+    for run in (mhc.streams, lambda x, fs: eager_streams(mhc, x, fs)):
+        x = h.clone().requires_grad_()
+        out = run(x, branches)
+        grads.append([out, *torch.autograd.grad((out * weight).sum(), [x, mhc.phi, mhc.alpha, mhc.bias])])
+    for name, ours, ref in zip(["out", "x", "phi", "alpha", "bias"], *grads):
+        torch.testing.assert_close(ours, ref, atol=1e-9, rtol=1e-7, msg=f"{name} differs")
+
+
 def test_training_moves_params_and_outputs():
     """After a few optimizer steps every mHC parameter has changed and the output differs from the plain model."""
     plain, wrapped = toy_pair(seed=5)
