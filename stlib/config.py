@@ -97,8 +97,8 @@ class ModelConfig:
     head_dim: int | None = None  # per-head width; null = hidden_dim // n_heads
     n_kv_heads: int | None = None  # key/value heads; null = n_heads
     intermediate_size: int = 512  # transformer MLP width
-    n_encoder_layers: int = 1  # hidden layers in the basal/perturbation encoder MLPs (State: 1)
-    dropout: float = 0.0  # dropout in encoders and attention
+    n_encoder_layers: int = 1  # Linear layers in the basal/perturbation encoders (State's count); 1 = one Linear
+    dropout: float = 0.0  # dropout in the encoders, project_out and confidence head (attention: attention_dropout)
     rms_norm_eps: float = 1e-6
     predict_residual: bool = True  # predict perturbed = basal + learned shift
     batch_encoder: bool = False  # add a learned batch embedding (needs data.batch_col)
@@ -110,10 +110,10 @@ class ModelConfig:
     activation: str = "gelu"  # activation inside encoder/project_out MLPs with >1 layer (State: activation)
     decoder_dropout: float = 0.1  # dropout in the gene decoder MLP (State: decoder_dropout)
     attention_dropout: float = 0.0  # dropout on attention weights (State: backbone attention_dropout)
-    embed_vocab_size: int = 32000  # rows of the unused, frozen token embedding State keeps; matches its keys
+    embed_vocab_size: int = 1  # rows of the unused, frozen token embedding (State's keeps 32000; read from its ckpt)
     output_relu: bool = False  # clamp predictions at 0 (State does when it has no gene decoder or uses X_hvg)
     final_down_then_up: bool = False  # State's output_space=all head: residual in input space, then D->D/8->D
-    softplus: bool = True  # non-negative decoded expression
+    softplus: bool = True  # Softplus on decoded expression (non-negative); State runs load with ReLU instead
     loss: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
     blur: float = 0.05  # sinkhorn blur (ignored by energy)
     init_from: str | None = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch

@@ -27,6 +27,7 @@ from stlib.config import load_config, parse_overrides
 VARIANT_ORDER = ("baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity")
 
 _FIND_STLIB = """\
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # spinning OpenMP threads stall on a busy machine
 # Use the repository's virtual environment when there is one; STLIB=... overrides.
 if [ -z "${STLIB:-}" ]; then
   if [ -x .venv/bin/stlib ]; then STLIB=.venv/bin/stlib; else STLIB=stlib; fi

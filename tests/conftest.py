@@ -1,22 +1,13 @@
-"""Shared fixtures: a tiny generated study (source + wound healing) and a tiny model config."""
+"""Shared fixtures: a tiny generated study (source + wound healing), a tiny base model, velocity."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from stlib_testing import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
-
-torch.set_num_threads(1)  # tests run side by side on 2 cores; tiny models gain nothing from threads
-
-TINY_MODEL = [
-    "model.hidden_dim=32", "model.n_layers=2", "model.n_heads=4", "model.intermediate_size=64",
-    "model.cell_set_len=8", "model.decoder_hidden=[32]",
-]
-TINY_TRAINING = [
-    "training.batch_size=4", "training.val_every_n_steps=5", "training.ckpt_every_n_steps=5",
-    "training.log_every_n_steps=1", "training.warmup_steps=2", "training.progress_bar=false",
-]
+# Tiny models gain nothing from threads, and two threads stall badly when the other core is busy.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +18,6 @@ def tiny_study(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("study")
     write_default_data(root / "data", n_cells=900, n_genes=150, embed_dim=16, n_source_cells=900, seed=0)
     return root
-
-
-def tiny_overrides(root: Path, name: str, toml: str, steps: int) -> list[str]:
-    return TINY_MODEL + TINY_TRAINING + [
-        f"data.toml_config_path={root / 'data' / toml}", f"output_dir={root / 'runs'}", f"name={name}",
-        f"training.max_steps={steps}",
-    ]
 
 
 @pytest.fixture(scope="session")

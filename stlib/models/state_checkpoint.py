@@ -28,6 +28,7 @@ from stlib.data.maps import BATCH_MAP_FILE, CELL_TYPE_MAP_FILE, PERT_MAP_FILE, l
 from stlib.models.state_transition import StateTransitionModel
 
 VAR_DIMS_FILE = "var_dims.pkl"
+EMBED_KEY = "transformer_backbone.embed_tokens.weight"
 CHECKPOINT_PREFERENCE = ("final.ckpt", "last.ckpt")
 DATA_OVERRIDE_KEYS = ("embed_key", "pert_col", "control_pert", "cell_type_key", "batch_col", "output_space")
 
@@ -298,6 +299,8 @@ def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
         model_cfg = model_config_from_state(kw, gene_decoder, data_overrides.get("embed_key"))
         if data_overrides.get("output_space") == "all":
             model_cfg = dataclasses.replace(model_cfg, final_down_then_up=True)
+        if EMBED_KEY in state:  # the unused token embedding: its size is whatever State's config had
+            model_cfg = dataclasses.replace(model_cfg, embed_vocab_size=int(state[EMBED_KEY].shape[0]))
     else:
         model_cfg = _stlib_model_config(config)
     gene_dim = None

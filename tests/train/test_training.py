@@ -1,12 +1,13 @@
 """Training end to end on tiny generated data: run dir, logs, variants, frozen weights, resume, NaN guard."""
 
+import itertools
 import json
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from stlib_testing import REPO, tiny_overrides
 
 from stlib.config import ConfigError, load_config
 from stlib.data.errors import DataError
@@ -41,7 +42,7 @@ def test_pretrain_writes_a_complete_run_dir_and_learns(tiny_base):
 def test_lr_schedule_warms_up_then_decays():
     lrs = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_control_shares_the_base_column_and_new_perturbations_get_new_ones():
@@ -179,3 +180,36 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
         outs.append(load_lightning_state_dict(run / "checkpoints" / "final.ckpt"))
     key = next(k for k in outs[0] if k.endswith("q_proj.weight"))
     assert np.array_equal(outs[0][key].numpy(), outs[1][key].numpy())
+
+
+FINETUNE_CHOICES = {"blur", "cell_set_len", "decoder_loss_weight", "dropout", "init_from", "lora", "loss", "mhc",
+                    "use_mhc", "use_velocity_alignment", "velocity_beta", "velocity_lambda", "velocity_warmup_steps"}
+
+
+def test_every_model_field_is_either_inherited_from_the_base_or_a_fine_tuning_choice():
+    import dataclasses
+
+    from stlib.config import ModelConfig
+    from stlib.train.run import ARCHITECTURE_FIELDS
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert fields == set(ARCHITECTURE_FIELDS) | FINETUNE_CHOICES, "classify the new ModelConfig field"
+    assert not set(ARCHITECTURE_FIELDS) & FINETUNE_CHOICES
+
+
+STATE_FIXTURE = REPO.parent / "shared" / "fixtures" / "state_st_tiny"
+
+
+@pytest.mark.skipif(not STATE_FIXTURE.exists(), reason="../shared/fixtures not present")
+def test_fine_tunes_from_a_real_state_run_dir(tmp_path):
+    overrides = [
+        f"model.init_from={STATE_FIXTURE}", f"data.toml_config_path={STATE_FIXTURE / 'task.toml'}",
+        "data.embed_key=X_emb", "data.cell_type_key=cell_type", "data.output_space=gene", "data.gene_layer=null",
+        "model.cell_set_len=16", f"output_dir={tmp_path}", "name=from_state", "training.max_steps=4",
+        "training.batch_size=2", "training.val_every_n_steps=2", "training.progress_bar=false",
+    ]
+    run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
+    loaded = load_any(run_dir)
+    assert loaded.model_cfg.hidden_dim == 32 and loaded.model_cfg.n_layers == 2  # State's architecture
+    assert loaded.model_cfg.embed_vocab_size == 32000  # even the unused embedding keeps State's shape
+    assert set(loaded.pert_map) == {"Burn", "Sham"}
