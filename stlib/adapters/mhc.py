@@ -90,8 +90,8 @@ def _solve(h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return aug[:, n]
 
 
-def _sweeps(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
-    """Exp-domain Sinkhorn on row-stochastic m [n, n, N] (columns then rows, in place).
+def _sweeps(m: torch.Tensor, n_iters: int, tol: float) -> bool:
+    """Exp-domain Sinkhorn on row-stochastic m [n, n, N] (columns then rows, in place); True if all converged.
 
     A sweep starts with the column sums, so a convergence check there costs no extra reduction; checks
     (host syncs) run before the first sweep, after sweep 2 and every _CHECK_EVERY sweeps.
@@ -99,10 +99,10 @@ def _sweeps(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
     for i in range(n_iters):
         c = m.sum(0)
         if (i in _EARLY_CHECKS or i % _CHECK_EVERY == 0) and (c - 1).abs().max().item() < tol:
-            break
+            return True
         m.div_(c)
         m.div_(m.sum(1, keepdim=True))
-    return m
+    return False
 
 
 def _dual(p: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +127,7 @@ def _newton_polish(m: torch.Tensor, n_iters: int, tol: float) -> torch.Tensor:
         c = m.sum(0)
         if (c - 1).abs().max().item() < tol:
             break
-        d = _solve(_laplacian_system(m), 1 - c)  # [n, N]
-        d = d - d.mean(0)
+        d = _solve(_laplacian_system(m), 1 - c)  # [n, N]; sums to 0 like 1 - c (11^T/n keeps 1 an eigenvector)
         psi, rows = _dual(m, d)
         if psi.max().item() > 0:
             d = _line_search(m, d, rel, absolute)
@@ -159,8 +158,7 @@ def _project(x: torch.Tensor, n_iters: int, tol: float, newton_iters: int) -> to
     # row or column underflows to 0 in float64 even for logit ranges of several hundred
     x.sub_(x.amax(1, keepdim=True))
     m = x.sub_(x.amax(0)).exp_()
-    m = _sweeps(m.div_(m.sum(1, keepdim=True)), n_iters, tol)
-    if newton_iters > 0:
+    if not _sweeps(m.div_(m.sum(1, keepdim=True)), n_iters, tol) and newton_iters > 0:
         bad = (m.sum(0) - 1).abs().amax(0) >= tol
         if bad.any():
             idx = bad.nonzero().squeeze(1)
@@ -276,9 +274,9 @@ class _BranchRead(torch.autograd.Function):
         g_t = g_u * r
         flat = x.reshape(n, k * d)
         g_phi = (g_t.T @ flat).T  # [K*D, M]; this orientation is the faster matmul on CPU
-        # r = (|flat|^2 / KD + eps)^(-1/2): dr/dflat = -r^3 flat / KD
+        # r = (|flat|^2 / KD + eps)^(-1/2): dr/dflat = -r^3 flat / KD; both terms accumulate in place
         scale = (g_u * t).sum(-1, keepdim=True) * r.pow(3) / (-k * d)
-        g_x.view(n, k * d).add_(torch.addmm(flat * scale, g_t, phi.T))
+        g_x.view(n, k * d).addmm_(g_t, phi.T).addcmul_(flat, scale)
         return g_x, g_phi, g_bias, g_alpha, None, None, None, None, None
 
 
