@@ -9,7 +9,30 @@ Printed tables, not a test:
 `--compare-lucidrains` adds hyper-connections' mHC (`pip install hyper-connections`, own venv).
 
     python benchmarks/bench_mhc.py [--threads 1 2] [--device cuda] [--repeats 30] [--compare-lucidrains]
+    (lucidrains: PYTHONPATH=. benchmarks/.venv/bin/python benchmarks/bench_mhc.py --compare-lucidrains)
 """
+
+# Optimisation log (2 shared CPU cores, load avg ~3 from other jobs: wall times swing +-30 %, so "measured" is CPU
+# time, before/after alternating in one process; x = CPU median / plain CPU median, threads 1):
+#   start (32c08c0)                                   init 1.71x   trained 2.14x   lucidrains 4.5-4.9x plain
+#   change                                  predicted                     measured
+#   Sinkhorn batch-last [n, n, N]           ops on N contiguous values    half sweep 43 -> 10 us; projection of 512
+#                                           instead of N [4, 4] blocks    trained-state matrices 3.8 -> 2.0 ms
+#   Gauss-Jordan instead of LAPACK solve    fewer per-matrix calls        equal (LAPACK 114 us, GJ 70-100 us); kept:
+#                                                                         no layout change, same code on GPU
+#   Sinkhorn backward in the same layout    1.4 -> ~0.2 ms per call       0.2-0.3 ms per call
+#   one autograd node per branch read       ~25 eager ops + their graph   init 1.71 -> 1.54x, trained 2.14 -> 1.79x
+#     ([H_pre; H_res] x in one bmm, hand-   -> 3 matmuls, 3 bmm, 1 solve  (with the two rows above)
+#     written backward, RMS folded in)
+#   stream write as bmm in backward         3 passes over [N, K, D] -> 1  equal (cold-cache bmm of 4x128 blocks costs
+#                                                                         as much as mul+sum); reverted
+#   over-relaxed sweeps (omega 1.3-1.7)     faster rate on slow matrices  bad matrices after 20 sweeps 218 -> 87 at
+#                                                                         best, still need Newton; not adopted
+#   fewer sweeps before Newton (8, 12)      Newton is quadratic           equal within noise; kept 20
+#   float32 sweeps                          less memory                   8 vs 10 us per half sweep; op overhead
+#                                                                         dominates, float64 kept (tol 1e-10 reachable)
+# What is left is memory traffic: every stream op reads/writes [N, K, D] (1 MB here) and the branch read/write cost
+# ~20 such passes per branch fwd+bwd (2 MB L2 per core, shared L3); the paper's 6.7 % needs fused kernels.
 
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ residual stack. The static H_pre weights are staggered (branch l leans on stream
 can drift apart during training; with uniform weights every stream receives the same gradient forever
 and mHC collapses to a gated plain residual.
 
+Speed (CPU): each branch's coefficient path and stream read is one autograd node (_BranchRead) with a
+hand-written backward, and the Sinkhorn works on batch-last [K, K, N] matrices; benchmarks/bench_mhc.py has
+the measurements and a log of what was tried.
+
 Shapes: B sets, S cells per set, N = B*S tokens, D hidden width, K streams, M = 2K + K^2 coefficients.
 """
 

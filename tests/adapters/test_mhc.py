@@ -132,6 +132,17 @@ def test_sinkhorn_leaves_its_input_alone(shape):
     assert torch.equal(logits, before)
 
 
+def test_gauss_jordan_solve_matches_linalg_solve():
+    """The batch-last solver behind Newton and the backward, on Laplacian-like SPD systems."""
+    from stlib.adapters.mhc import _laplacian_system, _solve
+
+    torch.manual_seed(13)
+    p = torch.softmax(torch.randn(4, 4, 50, dtype=torch.float64) * 3, dim=1)  # row-stochastic, batch-last
+    h, rhs = _laplacian_system(p), torch.randn(4, 50, dtype=torch.float64)
+    ref = torch.linalg.solve(h.permute(2, 0, 1), rhs.T.unsqueeze(-1)).squeeze(-1).T
+    torch.testing.assert_close(_solve(h, rhs), ref, atol=1e-9, rtol=1e-9)
+
+
 def test_sinkhorn_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         sinkhorn_knopp(torch.zeros(2, 3, 4))
