@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 OUTPUT_SPACES = ("embedding", "gene", "all")
 LOSSES = ("energy", "sinkhorn", "mse")
+RESIDUAL_SPACES = ("input", "hidden")
 SMALL_GROUP_POLICIES = ("replace", "error")
 
 
@@ -101,6 +102,9 @@ class ModelConfig:
     dropout: float = 0.0  # dropout in the encoders, project_out and confidence head (attention: attention_dropout)
     rms_norm_eps: float = 1e-6
     predict_residual: bool = True  # predict perturbed = basal + learned shift
+    # where the residual lives: "input" = basal + project_out(h), so cell types never seen in training keep their
+    # identity; "hidden" = State's project_out(h + basal_encoder(basal)) (State checkpoints load with it)
+    residual_space: str = "input"
     batch_encoder: bool = False  # add a learned batch embedding (needs data.batch_col)
     confidence_token: bool = False  # append a token that predicts the set's loss
     decoder_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # gene decoder MLP widths
@@ -127,6 +131,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.loss", self.loss, LOSSES)
+        _check_choice("model.residual_space", self.residual_space, RESIDUAL_SPACES)
         heads_dim = self.head_dim or self.hidden_dim // self.n_heads
         if self.head_dim is None and self.hidden_dim % self.n_heads:
             raise ConfigError(

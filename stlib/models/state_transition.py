@@ -114,6 +114,10 @@ class StateTransitionModel(nn.Module):
         self.basal_encoder = build_mlp(input_dim, h, h, cfg.n_encoder_layers, cfg.dropout, cfg.activation)
         self.transformer_backbone = SetTransformer(cfg)
         self.project_out = build_mlp(h, input_dim, h, cfg.n_decoder_layers, cfg.dropout, cfg.activation)
+        if cfg.predict_residual and cfg.residual_space == "input":
+            last = self.project_out[-1] if isinstance(self.project_out, nn.Sequential) else self.project_out
+            nn.init.zeros_(last.weight)  # a new model starts as the identity: predicted = basal
+            nn.init.zeros_(last.bias)
         self.final_down_then_up = None
         if cfg.final_down_then_up:
             if input_dim < 8:
@@ -154,8 +158,10 @@ class StateTransitionModel(nn.Module):
 
         if self.cfg.predict_residual and self.final_down_then_up is not None:
             pred = self.final_down_then_up(self.project_out(h) + basal)  # State's output_space=all variant
+        elif self.cfg.predict_residual and self.cfg.residual_space == "input":
+            pred = basal + self.project_out(h)  # the shift is added to the cell itself: identity extrapolates
         elif self.cfg.predict_residual:
-            pred = self.project_out(h + basal_hidden)  # the shift is learned in hidden space
+            pred = self.project_out(h + basal_hidden)  # State: the shift is learned in hidden space
         else:
             pred = self.project_out(h)
         if self.cfg.output_relu:

@@ -33,7 +33,7 @@ log = logging.getLogger("stlib")
 # Architecture fields a fine-tune inherits from its base (the weights only fit that shape).
 ARCHITECTURE_FIELDS = (
     "hidden_dim", "n_layers", "n_heads", "head_dim", "n_kv_heads", "intermediate_size", "n_encoder_layers",
-    "n_decoder_layers", "activation", "rms_norm_eps", "predict_residual", "batch_encoder", "confidence_token",
+    "n_decoder_layers", "activation", "rms_norm_eps", "predict_residual", "residual_space", "batch_encoder", "confidence_token",
     "decoder_hidden", "decoder_dropout", "attention_dropout", "embed_vocab_size", "output_relu",
     "final_down_then_up", "softplus",
 )

@@ -22,7 +22,9 @@ D, P, G = 12, 3, 10
 
 def tiny_model(seed=0) -> StateTransitionModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=4, intermediate_size=64, cell_set_len=6, decoder_hidden=[16])
+    # hidden-space residual: a fresh model is not the identity, so adapters visibly change its outputs
+    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=4, intermediate_size=64, cell_set_len=6, decoder_hidden=[16],
+                      residual_space="hidden")
     return StateTransitionModel(cfg, input_dim=D, pert_dim=P, gene_dim=G)
 
 

@@ -11,7 +11,7 @@ B, S, D, P = 2, 8, 12, 3
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = {"hidden_dim": 16, "cell_set_len": S, "n_layers": 2, "n_heads": 4, "intermediate_size": 32,
-                "decoder_hidden": [24, 20], "embed_vocab_size": 10}
+            "decoder_hidden": [24, 20], "embed_vocab_size": 10, "residual_space": "hidden"}  # State's layout
     return ModelConfig(**{**base, **kw})
 
 
@@ -94,6 +94,25 @@ def test_predict_residual_adds_basal_encoding_before_projection():
     out_res, out_plain = res(basal, pert), plain(basal, pert)
     torch.testing.assert_close(out_plain["pred"], res.project_out(out_res["hidden"]))
     torch.testing.assert_close(out_res["pred"], res.project_out(out_res["hidden"] + res.basal_encoder(basal)))
+
+
+def test_input_space_residual_starts_as_identity_and_learns_a_shift():
+    torch.manual_seed(0)
+    model = StateTransitionModel(tiny_cfg(residual_space="input"), input_dim=D, pert_dim=P)
+    basal, pert = inputs()
+    torch.testing.assert_close(model(basal, pert)["pred"], basal, rtol=0, atol=0)
+    far = basal * 100 + 50  # cells unlike anything seen: still themselves
+    torch.testing.assert_close(model(far, pert)["pred"], far, rtol=0, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = (model(basal, pert)["pred"] - (basal + 1)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = model(basal, pert)
+    shift = out["pred"] - basal
+    assert shift.abs().mean() > 0.05
+    torch.testing.assert_close(out["pred"], basal + model.project_out(out["hidden"]))
 
 
 def test_output_relu_clamps_predictions():
