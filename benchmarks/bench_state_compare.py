@@ -57,7 +57,7 @@ def _install_step_timer(out_path: str) -> None:
             self.record.update(fit_start=time.time(), threads=torch.get_num_threads(), torch=torch.__version__)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.record["steps"].append((trainer.global_step, time.time()))
+            self.record["steps"].append((trainer.global_step, time.time(), time.process_time()))
 
         def on_validation_start(self, trainer, pl_module):
             self.record["val"].append([time.time(), None])
@@ -106,6 +106,7 @@ class Run:
     name: str
     steps_per_s: float
     median_step_ms: float
+    cpu_steps_per_s: float  # steps per CPU-second of the whole process: load-independent cost
     first_step_s: float  # process start -> first optimizer step done
     setup_s: float  # process start -> Lightning fit start (imports, data loading, model build)
     peak_rss_mib: float
@@ -123,15 +124,17 @@ class BenchRunError(RuntimeError):
     """A benchmarked command failed; the message names its log."""
 
 
-def steady_rate(steps: list, val: list, warmup: int) -> tuple[float, float]:
-    """(steps/s over steps warmup..last minus validation time, median per-step ms) from (step, time) pairs."""
-    window = [(s, t) for s, t in steps if s >= warmup]
+def steady_rate(steps: list, val: list, warmup: int) -> tuple[float, float, float]:
+    """From (step, wall time, process CPU time) triples: steps/s over steps warmup..last (no validation inside),
+    median per-step ms, and steps per CPU-second (all threads) — the rate other processes' load disturbs least."""
+    window = [row for row in steps if row[0] >= warmup]
     if len(window) < 2:
         raise ValueError(f"only {len(window)} steps at or after warm-up step {warmup}: raise max_steps")
-    (s0, t0), (s1, t1) = window[0], window[-1]
-    in_val = sum(max(0.0, min(end, t1) - max(start, t0)) for start, end in val if end is not None)
+    (s0, t0, c0), (s1, t1, c1) = window[0], window[-1]
+    if any(start < t1 and (end or t1) > t0 for start, end in val):
+        raise ValueError("validation ran inside the timed window; its CPU time cannot be separated")
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(window) if b[0] == a[0] + 1]
-    return (s1 - s0) / (t1 - t0 - in_val), statistics.median(gaps) * 1e3
+    return (s1 - s0) / (t1 - t0), statistics.median(gaps) * 1e3, (s1 - s0) / (c1 - c0)
 
 
 def launch(python: Path, script: str, args: list[str], log: Path, threads: int, warmup: int, device: str,
@@ -163,8 +166,8 @@ def launch(python: Path, script: str, args: list[str], log: Path, threads: int, 
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise BenchRunError(f"{script} run {log.stem} failed (exit {proc.returncode}); log {log}:\n{tail}")
     rec = json.loads(times.read_text())
-    rate, step_ms = steady_rate(rec["steps"], rec["val"], warmup)
-    return Run(tool=script, name=log.stem, steps_per_s=rate, median_step_ms=step_ms,
+    rate, step_ms, cpu_rate = steady_rate(rec["steps"], rec["val"], warmup)
+    return Run(tool=script, name=log.stem, steps_per_s=rate, median_step_ms=step_ms, cpu_steps_per_s=cpu_rate,
                first_step_s=rec["steps"][0][1] - rec["t0"], setup_s=rec["fit_start"] - rec["t0"],
                peak_rss_mib=usage.ru_maxrss / 1024, wall_s=wall, threads=rec["threads"],
                cuda_peak_mib=rec.get("cuda_peak_mib"))
@@ -282,45 +285,50 @@ def compare_state(s: Settings, toml: Path) -> tuple[str, list[str], dict]:
                 args = ["train", "--config", str(config), *run_keys(runs_dir, name, s.steps)]
                 run = launch(MAIN_PYTHON, "stlib", args, s.work / "logs" / f"{name}.log", s.threads, s.warmup, s.device,
                              runs_dir / name)
-            print(f"[bench]   {run.steps_per_s:.2f} steps/s, {run.cells_per_s:.0f} cells/s, peak RSS "
+            print(f"[bench]   {run.steps_per_s:.2f} steps/s, {run.cpu_steps_per_s:.2f} steps/CPU-s, peak RSS "
                   f"{run.peak_rss_mib:.0f} MiB, first step {run.first_step_s:.1f} s", flush=True)
             pair[tool] = run
         pairs.append(pair)
 
+    keys = ("steps_per_s", "cells_per_s", "cpu_steps_per_s", "peak_rss_mib", "median_step_ms", "first_step_s")
+    col = {t: {k: [getattr(p[t], k) for p in pairs] for k in keys} for t in ("state", "stlib")}
+    wall = [p["stlib"].steps_per_s / p["state"].steps_per_s for p in pairs]
+    cpu = [p["stlib"].cpu_steps_per_s / p["state"].cpu_steps_per_s for p in pairs]
     lines = [
         (f"Steady-state steps {s.warmup}..{s.steps} of {s.steps} ({CELLS_PER_STEP} cells/step), torch threads "
-        f"{s.threads}, device {s.device}; order alternates per pair."), "",
-        ("| pair | order | arc-state steps/s | stlib steps/s | stlib / arc-state | arc-state cells/s | stlib cells/s "
-        "| arc-state peak RSS MiB | stlib peak RSS MiB |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         f"{s.threads}, device {s.device}; order alternates per pair. *Wall* = steps per wall-clock second; *CPU* = "
+         "steps per CPU-second of the whole process (all its threads), which other processes' load disturbs least."),
+        "",
+        ("| pair | order | arc-state steps/s | stlib steps/s | stlib / arc-state (wall) | arc-state steps/CPU-s "
+         "| stlib steps/CPU-s | stlib / arc-state (CPU) | arc-state peak RSS MiB | stlib peak RSS MiB |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, p in enumerate(pairs):
-        order = "state, stlib" if i % 2 == 0 else "stlib, state"
-        lines.append(f"| {i + 1} | {order} | {p['state'].steps_per_s:.2f} | {p['stlib'].steps_per_s:.2f} | "
-                     f"**{p['stlib'].steps_per_s / p['state'].steps_per_s:.2f}×** | {p['state'].cells_per_s:.0f} | "
-                     f"{p['stlib'].cells_per_s:.0f} | {p['state'].peak_rss_mib:.0f} | {p['stlib'].peak_rss_mib:.0f} |")
-    ratios = [p["stlib"].steps_per_s / p["state"].steps_per_s for p in pairs]
-    col = {t: {k: [getattr(p[t], k) for p in pairs] for k in ("steps_per_s", "cells_per_s", "peak_rss_mib",
-                                                                "median_step_ms")} for t in ("state", "stlib")}
+        a, b = p["state"], p["stlib"]
+        lines.append(f"| {i + 1} | {'state, stlib' if i % 2 == 0 else 'stlib, state'} | {a.steps_per_s:.2f} | "
+                     f"{b.steps_per_s:.2f} | **{wall[i]:.2f}×** | {a.cpu_steps_per_s:.2f} | {b.cpu_steps_per_s:.2f} | "
+                     f"**{cpu[i]:.2f}×** | {a.peak_rss_mib:.0f} | {b.peak_rss_mib:.0f} |")
     lines += [
         (f"| median (min–max) | | {_fmt(col['state']['steps_per_s'])} | {_fmt(col['stlib']['steps_per_s'])} | "
-        f"**{_fmt(ratios)}** | {_fmt(col['state']['cells_per_s'], '.0f')} | {_fmt(col['stlib']['cells_per_s'], '.0f')} "
-        f"| {_fmt(col['state']['peak_rss_mib'], '.0f')} | {_fmt(col['stlib']['peak_rss_mib'], '.0f')} |"),
+         f"**{_fmt(wall)}** | {_fmt(col['state']['cpu_steps_per_s'])} | {_fmt(col['stlib']['cpu_steps_per_s'])} | "
+         f"**{_fmt(cpu)}** | {_fmt(col['state']['peak_rss_mib'], '.0f')} | {_fmt(col['stlib']['peak_rss_mib'], '.0f')} |"),
         "",
-        (f"Median single-step time: arc-state {statistics.median(col['state']['median_step_ms']):.0f} ms, stlib "
-        f"{statistics.median(col['stlib']['median_step_ms']):.0f} ms."),
+        (f"Cells/s (wall), median: arc-state {statistics.median(col['state']['cells_per_s']):.0f}, stlib "
+         f"{statistics.median(col['stlib']['cells_per_s']):.0f}. Median single-step time: arc-state "
+         f"{statistics.median(col['state']['median_step_ms']):.0f} ms, stlib "
+         f"{statistics.median(col['stlib']['median_step_ms']):.0f} ms."),
     ]
     if s.device != "cpu":
         lines.append("CUDA peak allocated MiB: " + ", ".join(
             f"{t} {statistics.median([p[t].cuda_peak_mib or 0 for p in pairs]):.0f}" for t in ("state", "stlib")))
-    rss_ok = statistics.median(col["stlib"]["peak_rss_mib"]) <= statistics.median(col["state"]["peak_rss_mib"])
+    rss = {t: statistics.median(col[t]["peak_rss_mib"]) for t in col}
     summary = [
-        (f"ST training throughput (hidden 128, 8 layers, set 64, batch 8, {s.threads} thread(s)): stlib "
-        f"{statistics.median(col['stlib']['cells_per_s']):.0f} cells/s vs arc-state "
-        f"{statistics.median(col['state']['cells_per_s']):.0f} cells/s — **{statistics.median(ratios):.2f}×** "
-        f"(per-pair {min(ratios):.2f}–{max(ratios):.2f}×; goal ≥ 1.5×); peak RSS "
-        f"{statistics.median(col['stlib']['peak_rss_mib']):.0f} vs {statistics.median(col['state']['peak_rss_mib']):.0f} "
-        f"MiB ({'not above' if rss_ok else 'ABOVE'} arc-state).")
+        (f"ST training throughput (hidden 128, 8 layers, set 64, batch 8, {s.threads} thread(s), {s.steps} steps): "
+         f"stlib / arc-state **{statistics.median(wall):.2f}×** by wall clock (per pair {min(wall):.2f}–{max(wall):.2f}×; "
+         f"stlib {statistics.median(col['stlib']['cells_per_s']):.0f} vs "
+         f"{statistics.median(col['state']['cells_per_s']):.0f} cells/s), **{statistics.median(cpu):.2f}×** by CPU time "
+         f"(per pair {min(cpu):.2f}–{max(cpu):.2f}×); goal ≥ 1.5×. Peak RSS {rss['stlib']:.0f} vs {rss['state']:.0f} MiB "
+         f"({'not above' if rss['stlib'] <= rss['state'] else 'ABOVE'} arc-state).")
     ]
     return "\n".join(lines), summary, {"pairs": pairs}
 
@@ -385,35 +393,40 @@ def compare_variants(s: Settings, toml: Path) -> tuple[str, list[str], dict]:
                          s.device, s.work / "runs" / run_name)
             params = json.loads((s.work / "runs" / run_name / "trainable_params.json").read_text())
             run.extra["trainable"] = params["trainable"]
-            print(f"[bench]   {run.steps_per_s:.2f} steps/s, peak RSS {run.peak_rss_mib:.0f} MiB, "
+            print(f"[bench]   {run.steps_per_s:.2f} steps/s, {run.cpu_steps_per_s:.2f} steps/CPU-s, peak RSS "
+                  f"{run.peak_rss_mib:.0f} MiB, "
                   f"trainable {params['trainable']:,}", flush=True)
             results[name] = run
         rounds.append(results)
 
     lines = [
         (f"stlib only, fine-tuning an untrained base at the section-1 architecture; steady-state steps "
-        f"{s.variant_warmup}..{s.variant_steps}, {s.variant_runs} rounds (order rotates), torch threads {s.threads}. "
-        f"`× full` is the per-round ratio of step times (median over rounds)."), "",
-        ("| variant | config | trainable params | steps/s median (min–max) | step time × full | peak RSS MiB "
-        "median (min–max) |"),
-        "|---|---|---|---|---|---|",
+         f"{s.variant_warmup}..{s.variant_steps}, {s.variant_runs} rounds (order rotates), torch threads {s.threads}. "
+         "`× full` = per-round ratio of step time to full fine-tuning's, median (min–max) over rounds; *CPU* uses "
+         "CPU-seconds per step (load-independent), *wall* wall-clock seconds."),
+        "",
+        ("| variant | config | trainable params | steps/s | step time × full (wall) | CPU time × full "
+         "| peak RSS MiB |"),
+        "|---|---|---|---|---|---|---|",
     ]
-    rel = {}
+    rel, rel_cpu = {}, {}
     for name in names:
         runs = [r[name] for r in rounds]
         rel[name] = [r[PLAIN].steps_per_s / r[name].steps_per_s for r in rounds]
+        rel_cpu[name] = [r[PLAIN].cpu_steps_per_s / r[name].cpu_steps_per_s for r in rounds]
         config, extra = VARIANTS[name]
         lines.append(f"| {name} | `{Path(config).name}{' ' + ' '.join(extra) if extra else ''}` | "
                      f"{runs[0].extra['trainable']:,} | {_fmt([r.steps_per_s for r in runs])} | "
-                     f"{_fmt(rel[name])} | {_fmt([r.peak_rss_mib for r in runs], '.0f')} |")
+                     f"{_fmt(rel[name])} | {_fmt(rel_cpu[name])} | {_fmt([r.peak_rss_mib for r in runs], '.0f')} |")
     rss = {n: statistics.median([r[n].peak_rss_mib for r in rounds]) for n in names}
-    mhc = statistics.median(rel["LoRA+mHC"]) / statistics.median(rel["LoRA"])
-    lines += ["", f"LoRA+mHC step time vs LoRA alone: {mhc:.2f}×."]
+    med = {n: (statistics.median(rel[n]), statistics.median(rel_cpu[n])) for n in names}
+    mhc = [med["LoRA+mHC"][i] / med["LoRA"][i] for i in (0, 1)]
+    lines += ["", f"LoRA+mHC step time vs LoRA alone: {mhc[0]:.2f}× wall, {mhc[1]:.2f}× CPU."]
     summary = [
-        "Variants (stlib, step time relative to full fine-tuning): " + ", ".join(
-            f"{n} {statistics.median(rel[n]):.2f}×" for n in names[1:]) +
-        f"; LoRA+mHC vs LoRA {mhc:.2f}× (goal ≤ 1.3×). Peak RSS LoRA {rss['LoRA']:.0f} MiB vs full fine-tune "
-        f"{rss[PLAIN]:.0f} MiB ({'below' if rss['LoRA'] < rss[PLAIN] else 'NOT below'})."
+        "Variants (stlib, step time relative to full fine-tuning, wall / CPU): " + ", ".join(
+            f"{n} {med[n][0]:.2f}× / {med[n][1]:.2f}×" for n in names[1:]) +
+        f"; LoRA+mHC vs LoRA {mhc[0]:.2f}× / {mhc[1]:.2f}× (goal ≤ 1.3×). Peak RSS LoRA {rss['LoRA']:.0f} MiB vs "
+        f"full fine-tune {rss[PLAIN]:.0f} MiB ({'below' if rss['LoRA'] < rss[PLAIN] else 'NOT below'})."
     ]
     return "\n".join(lines), summary, {"rounds": rounds}
 
@@ -453,6 +466,7 @@ def main() -> None:
 
 
 def settings(work: Path, threads: int, device: str, quick: bool) -> Settings:
+    work = work.resolve()  # State runs in its own cwd: every path it gets must be absolute
     work.mkdir(parents=True, exist_ok=True)
     (work / ".gitignore").write_text("*\n")  # generated data and runs never get committed
     if quick:

@@ -192,7 +192,8 @@ def main() -> None:
     if "state" in args.only:
         text, lines, data = compare.compare_state(s, toml)
         pairs = data["pairs"]
-        ratio = statistics.median(p["stlib"].steps_per_s / p["state"].steps_per_s for p in pairs)
+        ratio = min(statistics.median(p["stlib"].cpu_steps_per_s / p["state"].cpu_steps_per_s for p in pairs),
+                    statistics.median(p["stlib"].steps_per_s / p["state"].steps_per_s for p in pairs))
         if ratio < PROFILE_BELOW and not args.quick:
             text += f"\n\nstlib is below {PROFILE_BELOW}×: profile of its training step\n\n" + profile_stlib_step(
                 args.threads)
