@@ -108,7 +108,7 @@ class ModelConfig:
     batch_encoder: bool = False  # add a learned batch embedding (needs data.batch_col)
     confidence_token: bool = False  # append a token that predicts the set's loss
     decoder_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # gene decoder MLP widths
-    decoder_loss_weight: float = 1.0  # weight of the gene-decoder loss when a decoder exists
+    decoder_loss_weight: float = 1.0  # weight of the decoder's per-cell MSE (real embedding -> real expression)
     # -- State architecture details (the model owner's fields; load_state_run fills them from a State run)
     n_decoder_layers: int = 1  # Linear layers in project_out (State: n_decoder_layers); 1 = one Linear
     activation: str = "gelu"  # activation inside encoder/project_out MLPs with >1 layer (State: activation)

@@ -213,3 +213,27 @@ def test_fine_tunes_from_a_real_state_run_dir(tmp_path):
     assert loaded.model_cfg.hidden_dim == 32 and loaded.model_cfg.n_layers == 2  # State's architecture
     assert loaded.model_cfg.embed_vocab_size == 32000  # even the unused embedding keeps State's shape
     assert set(loaded.pert_map) == {"Burn", "Sham"}
+
+
+def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, tmp_path):
+    import anndata as ad
+
+    from stlib.evaluate.predict import predict_run
+
+    overrides = tiny_overrides(tiny_study, "genes_run", "wound_healing.toml", 4) + [
+        "data.output_space=all", "data.pert_col=condition", "data.control_pert=Sham",
+        "data.cell_type_key=cell_types_simple_short", "data.batch_col=mouse_id", "data.time_col=day"]
+    run_dir = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+    scalars = read_scalars(run_dir)
+    assert "train/gene_loss" in set(scalars.tag)
+    pred_path, real_path = predict_run(run_dir, out_dir=tmp_path)
+    pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
+    source = ad.read_h5ad(tiny_study / "data" / "wound_healing.h5ad")
+    assert list(pred.var_names) == list(real.var_names) == list(source.var_names)  # cell-eval: same genes, order
+    assert pred.uns["stlib"]["space"] == "gene" and pred.obsm["X_state"].shape[1] == 16
+    assert set(pred.obs["condition"]) == {"Burn", "Sham"} and set(pred.obs["cell_types_simple_short"]) == {
+        "Fibroblast", "Macrophage"}  # the held-out (zero-shot) test cell types
+    control = (pred.obs["condition"] == "Sham").to_numpy()
+    np.testing.assert_array_equal(pred.X[control], real.X[control])  # the same real controls in both files
+    assert not np.allclose(pred.X[~control], real.X[~control])
+    assert (pred.X >= 0).all()  # decoded expression is non-negative
