@@ -177,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     full = not args.quick and set(args.only) == set(SECTIONS)
     out = args.out or (BENCH / "results.md" if full else args.work / "results_partial.md")
-    command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
     started, load0 = time.time(), os.getloadavg()
 
     pins = ensure_bench_venv(args.torch)
@@ -248,7 +248,7 @@ def main() -> None:
     ]
     for title, text in sections:
         report += [f"## {title}", "", text, ""]
-    report += ["## Commands", *[f"- {c}" for c in commands], ""]
+    report += ["## Commands", *[f"- {c.replace(str(REPO) + '/', '')}" for c in commands], ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))
     print("\n".join(report[report.index("## Summary"):report.index("## Summary") + len(summary) + 1]))
