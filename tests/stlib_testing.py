@@ -3,6 +3,10 @@
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# shared/ sits beside the checkout (CI clones main next to it); a real `state tx train` run dir made by arc-state
+STATE_FIXTURE = next((p for p in (REPO.parent / "shared" / "fixtures" / "state_st_tiny",
+                                  Path("/work/shared/fixtures/state_st_tiny")) if p.is_dir()),
+                     REPO.parent / "shared" / "fixtures" / "state_st_tiny")
 
 TINY_MODEL = [
     "model.hidden_dim=32", "model.n_layers=2", "model.n_heads=4", "model.intermediate_size=64",

@@ -6,13 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from stlib_testing import REPO
+from stlib_testing import REPO, STATE_FIXTURE
 
 import stlib
 from stlib.cli import main
 from stlib.scripts import plan_scripts
-
-STATE_FIXTURE = REPO.parent / "shared" / "fixtures" / "state_st_tiny"
 
 
 def test_typo_is_one_line_and_exit_code_2(capsys):

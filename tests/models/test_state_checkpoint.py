@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from stlib_testing import STATE_FIXTURE
 
 from stlib.models.state_checkpoint import (
     StateCheckpointError,
@@ -16,7 +17,7 @@ from stlib.models.state_checkpoint import (
     read_var_dims,
 )
 
-FIXTURE = Path("/work/shared/fixtures/state_st_tiny")
+FIXTURE = STATE_FIXTURE
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="State fixture not available")
 RUN_FILES = ("config.yaml", "var_dims.pkl", "pert_onehot_map.pt", "cell_type_onehot_map.torch",
              "batch_onehot_map.torch")

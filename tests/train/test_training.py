@@ -7,7 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from stlib_testing import REPO, tiny_overrides
+from stlib_testing import REPO, STATE_FIXTURE, tiny_overrides
 
 from stlib.config import ConfigError, load_config
 from stlib.data.errors import DataError
@@ -197,7 +197,6 @@ def test_every_model_field_is_either_inherited_from_the_base_or_a_fine_tuning_ch
     assert not set(ARCHITECTURE_FIELDS) & FINETUNE_CHOICES
 
 
-STATE_FIXTURE = REPO.parent / "shared" / "fixtures" / "state_st_tiny"
 
 
 @pytest.mark.skipif(not STATE_FIXTURE.exists(), reason="../shared/fixtures not present")
