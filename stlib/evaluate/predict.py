@@ -18,12 +18,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
-from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY
+from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
 from stlib.models.loading import LoadedModel, load_any
 
 
@@ -42,14 +41,14 @@ def _config_for(loaded: LoadedModel, data_overrides: Sequence[str]) -> Config:
     return config_from_dict(base)
 
 
-def _time_slices(group: Group, times: np.ndarray | None, ctrl_times: np.ndarray | None):
+def _time_slices(group: Group, times: np.ndarray | None):
     """(time, target rows, basal rows) per time point of a group; basal from that time point when possible."""
     if times is None:
         yield group.time, group.obs_indices, group.basal_indices
         return
     for t in pd.unique(times[group.obs_indices]):
         target = group.obs_indices[times[group.obs_indices] == t]
-        basal = group.basal_indices[ctrl_times[group.basal_indices] == t]
+        basal = group.basal_indices[times[group.basal_indices] == t]
         yield t, target, (basal if len(basal) else group.basal_indices)
 
 
@@ -66,20 +65,10 @@ def _train_mean_shift(dm: PerturbationDataModule, matrix, control: str) -> dict[
             treated = np.flatnonzero((labels == "train") & (pert == p) & (cell_type == ct))
             ctrl = np.flatnonzero((pert == control) & (cell_type == ct) & (labels != "test"))
             if len(ctrl):
-                shifts.append(_mean(matrix, treated) - _mean(matrix, ctrl))
+                shifts.append(mean_rows(matrix, treated) - mean_rows(matrix, ctrl))
         if shifts:
             out[p] = np.mean(shifts, axis=0).astype(np.float32)
     return out
-
-
-def _mean(matrix, rows: np.ndarray) -> np.ndarray:
-    sub = matrix[rows]
-    return np.asarray(sub.mean(axis=0)).ravel() if sp.issparse(sub) else sub.mean(axis=0)
-
-
-def _dense(matrix, rows: np.ndarray) -> np.ndarray:
-    sub = matrix[rows]
-    return np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
 
 
 @torch.no_grad()
@@ -136,15 +125,15 @@ def predict_split(
     genes_out = loaded.dims.get("gene_dim") is not None and store.genes is not None
     rng = np.random.default_rng(seed)
 
-    emb, genes, rows, ids = [], [], [], []
+    emb, genes, target_rows, ids = [], [], [], []
     for g in groups:
-        for t, target, basal_pool in _time_slices(g, times, times):
+        for t, target, basal_pool in _time_slices(g, times):
             e, x = _predict_slice(
                 model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out
             )
             emb.append(e)
             genes.append(x)
-            rows.append(target)
+            target_rows.append(target)
             ids += [f"{g.name}@{t}" if t is not None else g.name] * len(target)
 
     # controls of every predicted cell type, the same real cells in both files
@@ -152,15 +141,15 @@ def predict_split(
     pert = obs[d.pert_col].astype(str).to_numpy()
     cell_types = {g.cell_type for g in groups}
     controls = np.flatnonzero((pert == d.control_pert) & obs[ct_col].astype(str).isin(cell_types).to_numpy())
-    perturbed = np.concatenate(rows)
+    perturbed = np.concatenate(target_rows)
     all_rows = np.concatenate([controls, perturbed])
     group_id = np.array(["control"] * len(controls) + ids, dtype=object)
 
     real_emb = store.embed[all_rows]
     pred_emb = np.concatenate([store.embed[controls], *emb])
     if genes_out:
-        real_x = _dense(store.genes, all_rows)
-        pred_x = np.concatenate([_dense(store.genes, controls), *genes])
+        real_x = rows(store.genes, all_rows)
+        pred_x = np.concatenate([rows(store.genes, controls), *genes])
         var_names = list(dm.gene_names)
         space, shift_matrix = "gene", store.genes
     else:

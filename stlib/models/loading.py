@@ -137,9 +137,8 @@ def load_any(path: str | Path, checkpoint: str | None = None) -> LoadedModel:
         return LoadedModel(
             model=run.model, model_cfg=run.model_cfg, pert_map=run.pert_map,
             control_pert=run.data_overrides.get("control_pert"),
-            dims={"input_dim": run.var_dims.get("input_dim"), "pert_dim": run.var_dims.get("pert_dim"),
-                  "gene_dim": run.var_dims.get("gene_dim") or run.var_dims.get("hvg_dim"),
-                  "n_batches": run.var_dims.get("batch_dim")},
+            dims={"input_dim": run.model.input_dim, "pert_dim": run.model.pert_dim, "gene_dim": run.model.gene_dim,
+                  "n_batches": run.var_dims.get("batch_dim")},  # the loaded model's own sizes, not var_dims' guesses
             data_overrides=run.data_overrides, cell_type_map=run.cell_type_map, batch_map=run.batch_map,
             gene_names=run.gene_names, run_dir=run_dir, checkpoint_path=run.checkpoint_path, source="state",
         )

@@ -56,7 +56,8 @@ class STLightningModule(L.LightningModule):
 
     def compute_losses(self, batch: dict, out: dict, step: int) -> dict[str, torch.Tensor]:
         mcfg = self.cfg.model
-        losses = {mcfg.loss: set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur).mean()}
+        per_set = set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur)
+        losses = {mcfg.loss: per_set.mean()}
         total = losses[mcfg.loss]
         decoder = getattr(base_model(self.model), "gene_decoder", None)
         if decoder is not None and "target_genes" in batch:
@@ -66,8 +67,7 @@ class STLightningModule(L.LightningModule):
             losses["gene_loss"] = nn.functional.mse_loss(genes, batch["target_genes"])
             total = total + mcfg.decoder_loss_weight * losses["gene_loss"]
         if out.get("confidence") is not None:
-            per_set = set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur).detach()
-            losses["confidence_loss"] = nn.functional.mse_loss(out["confidence"].float(), per_set)
+            losses["confidence_loss"] = nn.functional.mse_loss(out["confidence"].float(), per_set.detach())
             total = total + 0.1 * losses["confidence_loss"]
         if mcfg.use_velocity_alignment:
             weight = velocity_weight(step, mcfg.velocity_lambda, mcfg.velocity_warmup_steps)
