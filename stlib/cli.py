@@ -47,7 +47,7 @@ def _cmd_predict(args) -> None:
     from stlib.evaluate.predict import predict_run
 
     pred, real = predict_run(args.run_dir, checkpoint=args.checkpoint, split=args.split, out_dir=args.out_dir,
-                             name=args.name, data_overrides=args.overrides)
+                             name=args.name, data_overrides=args.overrides, gene_readout=args.gene_readout)
     print(f"[stlib] predictions: {pred}\n[stlib] real cells:  {real}")
 
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out-dir", default="results/predictions")
     p.add_argument("--name", default=None, help="model name in file names (default: the run dir's name)")
+    p.add_argument("--gene-readout", default="residual", choices=["residual", "direct"],
+                   help="decoded genes: basal genes + decoded change (default), or the decoder's output as is")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. another TOML)")
     p.set_defaults(func=_cmd_predict)
 

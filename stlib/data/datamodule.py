@@ -380,6 +380,14 @@ class PerturbationDataModule(L.LightningDataModule):
     def gene_dim(self) -> int | None:
         return None if self.store.genes is None else int(self.store.genes.shape[1])
 
+    def train_gene_mean(self) -> np.ndarray | None:
+        """Mean expression [G] of the training cells (None without genes): where a new gene decoder starts."""
+        genes = self.store.genes
+        if genes is None:
+            return None
+        rows = np.flatnonzero(self.split_labels == "train")
+        return np.asarray(genes[rows].mean(axis=0), dtype=np.float64).ravel()
+
     @property
     def gene_names(self) -> list[str]:
         return list(self.adata.var_names)

@@ -7,6 +7,15 @@ in the layout cell-eval 0.8 reads: `<name>_pred.h5ad` (predicted perturbed cells
 `<name>_real.h5ad` (real perturbed cells + the same controls); see :mod:`stlib.evaluate.layout`.
 
 X holds decoded genes (log1p, real gene names) when the model has a gene decoder, else the embedding.
+How genes are read out (``gene_readout``):
+
+* ``residual`` (default): each predicted cell's genes = its basal cell's real genes + decoder(predicted) −
+  decoder(basal). The decoder's error in a cell type's *level* cancels (it is the same for both terms), only
+  its decoding of the *change* remains. A decoder trained on a few cell types decodes a held-out cell type's
+  level with an error larger than the perturbation effect (on the embedded default: per-gene mean error² 0.67
+  for held-out fibroblasts vs 0.002 for training keratinocytes), while its decoded Burn shift still
+  correlates 0.87 with the real one. Values may dip slightly below 0 (not clipped: group means stay exact).
+* ``direct``: decoder(predicted), what ``model.predict_sets`` returns (State's behaviour).
 """
 
 from __future__ import annotations
@@ -20,10 +29,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stlib.adapters.lora import base_model
 from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
 from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
 from stlib.models.loading import LoadedModel, load_any
+
+
+GENE_READOUTS = ("residual", "direct")
 
 
 def _config_for(loaded: LoadedModel, data_overrides: Sequence[str]) -> Config:
@@ -82,6 +95,7 @@ def _predict_slice(
     batch_size: int,
     rng: np.random.Generator,
     genes_out: bool,
+    gene_readout: str = "residual",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """As many predicted cells as `target` has, from sets of basal cells drawn from `basal_pool`."""
     n_sets = math.ceil(len(target) / set_len)
@@ -94,9 +108,25 @@ def _predict_slice(
         out = _forward(model, batch)
         emb.append(out["pred"].reshape(-1, out["pred"].shape[-1]).float().numpy())
         if genes_out:
-            genes.append(out["genes"].reshape(-1, out["genes"].shape[-1]).float().numpy())
+            decoded = out["genes"].reshape(-1, out["genes"].shape[-1]).float().numpy()
+            if gene_readout == "residual":
+                decoded = _residual_genes(model, store, batch["basal"], basal[sl].ravel(), decoded)
+            genes.append(decoded)
     n = len(target)
     return np.concatenate(emb)[:n], (np.concatenate(genes)[:n] if genes_out else None)
+
+
+@torch.no_grad()
+def _residual_genes(model, store, basal_emb: torch.Tensor, basal_rows: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """Real genes of the basal cells + decoder(predicted) − decoder(basal), [B*S, G]."""
+    decoder = base_model(model).gene_decoder
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        decoded_basal = decoder(basal_emb.reshape(-1, basal_emb.shape[-1])).float().numpy()
+    finally:
+        decoder.train(was_training)
+    return rows(store.genes, basal_rows).astype(np.float32) + decoded - decoded_basal
 
 
 def _forward(model, batch: dict) -> dict:
@@ -106,9 +136,12 @@ def _forward(model, batch: dict) -> dict:
 
 
 def predict_split(
-    loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16, seed: int = 0
+    loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16, seed: int = 0,
+    gene_readout: str = "residual",
 ) -> tuple[ad.AnnData, ad.AnnData]:
     """(pred, real) AnnData for every non-control group of `split`."""
+    if gene_readout not in GENE_READOUTS:
+        raise ValueError(f"gene_readout={gene_readout!r} is not one of {', '.join(GENE_READOUTS)}")
     d = cfg.data
     dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed)
     dm.setup("predict")
@@ -129,7 +162,8 @@ def predict_split(
     for g in groups:
         for t, target, basal_pool in _time_slices(g, times):
             e, x = _predict_slice(
-                model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out
+                model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out,
+                gene_readout,
             )
             emb.append(e)
             genes.append(x)
@@ -171,6 +205,7 @@ def predict_split(
         "time_col": d.time_col or "",
         "batch_col": d.batch_col or "",
         "space": space,
+        "gene_readout": gene_readout if genes_out else "",
         "split": split,
         "train_mean_shift_X": _train_mean_shift(dm, shift_matrix, d.control_pert),
         "train_mean_shift_embedding": _train_mean_shift(dm, store.embed, d.control_pert),
@@ -193,11 +228,12 @@ def predict_run(
     name: str | None = None,
     data_overrides: Sequence[str] = (),
     seed: int = 0,
+    gene_readout: str = "residual",
 ) -> tuple[Path, Path]:
     """`stlib predict`: load a run (ours or State's), predict `split`, write <name>_pred/_real.h5ad."""
     loaded = load_any(run_dir, checkpoint)
     cfg = _config_for(loaded, data_overrides)
-    pred, real = predict_split(loaded, cfg, split=split, seed=seed)
+    pred, real = predict_split(loaded, cfg, split=split, seed=seed, gene_readout=gene_readout)
     name = name or Path(run_dir).name
     pred.uns[UNS_KEY]["model"] = real.uns[UNS_KEY]["model"] = name
     out = Path(out_dir)

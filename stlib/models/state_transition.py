@@ -18,6 +18,7 @@ P perturbation encoding width, H hidden width, G decoded genes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -79,6 +80,18 @@ class GeneDecoder(nn.Module):
         """[..., D] -> [..., G]."""
         return self.decoder(x)
 
+    @torch.no_grad()
+    def start_at(self, gene_mean: torch.Tensor) -> None:
+        """Set the output bias so a new decoder starts near the mean expression instead of ~0.69 (softplus(0)).
+
+        Without it most of a short fine-tune goes into learning each gene's level, not the cells' differences.
+        """
+        last, act = self.decoder[-2], self.decoder[-1]
+        mean = torch.as_tensor(gene_mean, dtype=last.bias.dtype, device=last.bias.device).clamp_min(1e-4)
+        if mean.shape != last.bias.shape:
+            raise ValueError(f"gene_mean has shape {tuple(mean.shape)}, expected ({self.gene_dim},)")
+        last.bias.copy_(mean + torch.log(-torch.expm1(-mean)) if isinstance(act, nn.Softplus) else mean)
+
 
 class ConfidenceToken(nn.Module):
     """A learned token appended to each set; its output predicts the set's loss (State's confidence head)."""
@@ -127,8 +140,7 @@ class StateTransitionModel(nn.Module):
             )
         self.gene_decoder = None
         if gene_dim is not None:
-            self.gene_decoder = GeneDecoder(input_dim, gene_dim, list(cfg.decoder_hidden), cfg.decoder_dropout,
-                                            cfg.softplus)
+            self.set_gene_decoder(gene_dim)
         self.batch_encoder = None
         if cfg.batch_encoder:
             if not n_batches:
@@ -136,6 +148,22 @@ class StateTransitionModel(nn.Module):
                                  "set data.batch_col to a column with batches, or model.batch_encoder=false")
             self.batch_encoder = nn.Embedding(n_batches, h)
         self.confidence_token = ConfidenceToken(h, cfg.dropout) if cfg.confidence_token else None
+
+    def set_gene_decoder(self, gene_dim: int | None, cfg: ModelConfig | None = None) -> None:
+        """A fresh gene decoder for ``gene_dim`` genes (None removes it): fine-tuning into another output space.
+
+        ``cfg`` (default: the model's own) gives its widths, dropout and output activation."""
+        self.gene_dim = gene_dim
+        if gene_dim is None:
+            self.gene_decoder = None
+            return
+        cfg = cfg or self.cfg
+        if cfg is not self.cfg:
+            self.cfg = dataclasses.replace(self.cfg, **{f: getattr(cfg, f) for f in
+                                                        ("decoder_hidden", "decoder_dropout", "softplus")})
+        ref = self.pert_encoder[0].weight
+        self.gene_decoder = GeneDecoder(self.input_dim, gene_dim, list(cfg.decoder_hidden), cfg.decoder_dropout,
+                                        cfg.softplus).to(ref.device, ref.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:

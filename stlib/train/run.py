@@ -67,11 +67,15 @@ def extend_pert_map(base_map: dict[str, int], base_control: str | None, data_per
     return mapping, new
 
 
-def _inherit_architecture(cfg: Config, base_cfg) -> Config:
-    changed = {f: getattr(base_cfg, f) for f in ARCHITECTURE_FIELDS if getattr(cfg.model, f) != getattr(base_cfg, f)}
+DECODER_FIELDS = ("decoder_hidden", "decoder_dropout", "softplus")  # the fine-tune's own when the base has no decoder
+
+
+def _inherit_architecture(cfg: Config, base_cfg, base_has_decoder: bool = True) -> Config:
+    fields = [f for f in ARCHITECTURE_FIELDS if base_has_decoder or f not in DECODER_FIELDS]
+    changed = {f: getattr(base_cfg, f) for f in fields if getattr(cfg.model, f) != getattr(base_cfg, f)}
     if changed:
         log.info("architecture taken from the base model: %s", changed)
-    model_cfg = dataclasses.replace(cfg.model, **{f: getattr(base_cfg, f) for f in ARCHITECTURE_FIELDS})
+    model_cfg = dataclasses.replace(cfg.model, **{f: getattr(base_cfg, f) for f in fields})
     return dataclasses.replace(cfg, model=model_cfg)
 
 
@@ -89,7 +93,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     new_perts: list[str] = []
     if cfg.model.init_from:
         base = load_any(cfg.model.init_from)
-        cfg = _inherit_architecture(cfg, base.model_cfg)
+        cfg = _inherit_architecture(cfg, base.model_cfg, base_has_decoder=bool(base.dims.get("gene_dim")))
         if cfg.data.perturbation_features_file is None:
             pert_map, new_perts = extend_pert_map(base.pert_map, base.control_pert, _data_perturbations(cfg),
                                                   cfg.data.control_pert)
@@ -106,7 +110,14 @@ def prepare_run(cfg: Config) -> PreparedRun:
         model = StateTransitionModel(cfg.model, input_dim=dm.input_dim, pert_dim=dm.pert_dim, gene_dim=dm.gene_dim,
                                      n_batches=dm.n_batches)
     else:
-        model = _model_from_base(base, dm, dims, new_perts)
+        model = _model_from_base(base, dm, dims, new_perts, cfg.model)
+        lora = cfg.model.lora
+        if lora.enable and dims["gene_dim"] and not base.dims.get("gene_dim") and "gene_decoder" not in lora.modules_to_save:
+            log.info("the new gene decoder trains in full beside the adapters (model.lora.modules_to_save)")
+            lora = dataclasses.replace(lora, modules_to_save=[*lora.modules_to_save, "gene_decoder"])
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
+    if model.gene_decoder is not None and (base is None or not base.dims.get("gene_dim")):
+        model.gene_decoder.start_at(torch.from_numpy(dm.train_gene_mean()))  # a new decoder
     if cfg.model.use_mhc and getattr(model.transformer_backbone, "hyper_connections", None) is None:
         from stlib.adapters.mhc import apply_mhc
 
@@ -116,7 +127,8 @@ def prepare_run(cfg: Config) -> PreparedRun:
     return PreparedRun(cfg=cfg, datamodule=dm, model=model, dims=dims, base=base, summary=summary)
 
 
-def _model_from_base(base: LoadedModel, dm: PerturbationDataModule, dims: dict, new_perts: list[str]) -> nn.Module:
+def _model_from_base(base: LoadedModel, dm: PerturbationDataModule, dims: dict, new_perts: list[str],
+                     model_cfg) -> nn.Module:
     from stlib.adapters.lora import merge_lora
 
     model = merge_lora(base.model)  # a fine-tuned base: fold its adapters in, start a fresh set
@@ -131,9 +143,15 @@ def _model_from_base(base: LoadedModel, dm: PerturbationDataModule, dims: dict, 
         model.extend_perturbations(dm.pert_dim)
     elif dm.pert_dim != base.dims["pert_dim"]:
         raise ConfigError(f"perturbation encoding is {dm.pert_dim}-d but the base expects {base.dims['pert_dim']}")
-    if dims["gene_dim"] and dims["gene_names"] != (base.gene_names or dims["gene_names"]):
+    if dims["gene_dim"] and model.gene_decoder is None:
+        log.info("the base model has no gene decoder: adding a new one for %d genes, trained in full", dims["gene_dim"])
+        model.set_gene_decoder(dims["gene_dim"], model_cfg)
+    elif dims["gene_dim"] and dims["gene_names"] != (base.gene_names or dims["gene_names"]):
         raise ConfigError("the data's genes differ from the base model's gene decoder genes (order and names must "
                           "match); set data.output_space=embedding to fine-tune without the decoder")
+    elif not dims["gene_dim"] and model.gene_decoder is not None:
+        log.info("data.output_space=%s: the base model's gene decoder is not used and not kept", "embedding")
+        model.set_gene_decoder(None)
     if model.batch_encoder is not None and dm.n_batches != base.dims.get("n_batches"):
         raise ConfigError("the base model has a batch encoder for other batches; set data.batch_col=null or "
                           "pretrain with model.batch_encoder=false")

@@ -1,0 +1,89 @@
+"""Gene decoders across fine-tuning: added when the base has none, dropped when unused, read out as a change."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from stlib_testing import REPO, tiny_overrides
+
+from stlib.adapters.lora import base_model
+from stlib.config import load_config
+from stlib.evaluate.predict import _config_for, predict_run, predict_split
+from stlib.models.loading import load_any, load_lightning_state_dict
+from stlib.models.state_transition import GeneDecoder
+from stlib.train.run import train
+
+WOUND_DATA = ["data.pert_col=condition", "data.control_pert=Sham", "data.cell_type_key=cell_types_simple_short",
+              "data.batch_col=mouse_id", "data.time_col=day"]
+
+
+@pytest.fixture(scope="module")
+def embedding_base(tiny_study):
+    """A base pretrained without a gene decoder (output_space=embedding)."""
+    overrides = tiny_overrides(tiny_study, "base_no_decoder", "source_perturbations.toml", 10) + [
+        "data.output_space=embedding"]
+    return train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_a_new_decoder_starts_at_the_mean_expression(softplus):
+    decoder = GeneDecoder(latent_dim=6, gene_dim=5, hidden=[8], dropout=0.0, softplus=softplus)
+    torch.nn.init.zeros_(decoder.decoder[-2].weight)  # output = activation(bias) for every input
+    mean = torch.tensor([0.01, 0.3, 1.0, 2.5, 6.0])
+    decoder.start_at(mean)
+    torch.testing.assert_close(decoder(torch.randn(3, 6)), mean.expand(3, -1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \(5,\)"):
+        decoder.start_at(torch.ones(4))
+
+
+def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(tiny_study, embedding_base):
+    overrides = tiny_overrides(tiny_study, "new_decoder", "wound_healing.toml", 6) + [
+        f"model.init_from={embedding_base}", "data.output_space=all", "model.lora.modules_to_save=[pert_encoder]",
+        "model.decoder_hidden=[24]"]
+    run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
+    loaded = load_any(run_dir)  # strict: the saved config describes the model that was trained
+    assert "gene_decoder" in loaded.model_cfg.lora.modules_to_save
+    assert loaded.model_cfg.decoder_hidden == [24]  # the fine-tune's own width: the base had no decoder to inherit
+    decoder = base_model(loaded.model).gene_decoder
+    assert decoder is not None and decoder.gene_dim == loaded.dims["gene_dim"]
+    first = load_lightning_state_dict(run_dir / "checkpoints" / "step_5.ckpt")
+    final = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
+    decoder_keys = [k for k in final if "gene_decoder" in k and "modules_to_save" in k]
+    assert decoder_keys and any(not torch.equal(first[k], final[k]) for k in decoder_keys)  # it trained
+
+
+def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, tiny_base):
+    assert load_any(tiny_base).dims["gene_dim"]  # the shared base has a decoder (configs/pretrain.yaml)
+    overrides = tiny_overrides(tiny_study, "emb_only", "wound_healing.toml", 2) + [
+        f"model.init_from={tiny_base}", "data.output_space=embedding"]
+    run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
+    loaded = load_any(run_dir)
+    assert base_model(loaded.model).gene_decoder is None and not loaded.dims["gene_dim"]
+
+
+def test_residual_readout_keeps_real_genes_when_the_model_predicts_no_change(tiny_study, embedding_base, tmp_path):
+    """Fresh decoder, zero shift: residual genes are the basal cells' own; direct genes are the decoder's guess."""
+    overrides = tiny_overrides(tiny_study, "identity", "wound_healing.toml", 0) + [
+        f"model.init_from={embedding_base}", "data.output_space=all", "model.lora.enable=false"]
+    run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
+
+    def predicted_genes(readout):
+        loaded = load_any(run_dir)
+        with torch.no_grad():
+            last = base_model(loaded.model).project_out
+            last = last[-1] if isinstance(last, torch.nn.Sequential) else last
+            last.weight.zero_()
+            last.bias.zero_()  # predicted = basal exactly
+        pred, real = predict_split(loaded, _config_for(loaded, ()), gene_readout=readout)
+        return pred, real
+
+    pred, real = predicted_genes("residual")
+    control = (real.obs["condition"] == "Sham").to_numpy()
+    real_controls, predicted = np.asarray(real.X[control]), np.asarray(pred.X[~control])
+    nearest = np.sqrt(((predicted[:, None, :] - real_controls[None]) ** 2).sum(-1)).min(axis=1)
+    assert nearest.max() < 1e-4  # every predicted cell is a real control cell, whatever the decoder's levels
+    direct, _ = predicted_genes("direct")
+    assert not np.allclose(np.asarray(direct.X[~control]), predicted, atol=1e-3)
+    assert pred.uns["stlib"]["gene_readout"] == "residual"
+    with pytest.raises(ValueError, match="gene_readout"):
+        predict_run(run_dir, out_dir=tmp_path, gene_readout="levels")
