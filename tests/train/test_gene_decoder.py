@@ -18,10 +18,10 @@ WOUND_DATA = ["data.pert_col=condition", "data.control_pert=Sham", "data.cell_ty
 
 
 @pytest.fixture(scope="module")
-def embedding_base(tiny_study):
-    """A base pretrained without a gene decoder (output_space=embedding)."""
-    overrides = tiny_overrides(tiny_study, "base_no_decoder", "source_perturbations.toml", 10) + [
-        "data.output_space=embedding"]
+def decoder_base(tiny_study):
+    """A base pretrained with a gene decoder (output_space=all), as State's ST-Tahoe is."""
+    overrides = tiny_overrides(tiny_study, "base_with_decoder", "source_perturbations.toml", 10) + [
+        "data.output_space=all"]
     return train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
 
 
@@ -36,9 +36,10 @@ def test_a_new_decoder_starts_at_the_mean_expression(softplus):
         decoder.start_at(torch.ones(4))
 
 
-def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(tiny_study, embedding_base):
+def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(tiny_study, tiny_base):
+    assert not load_any(tiny_base).dims["gene_dim"]  # configs/pretrain.yaml trains no decoder
     overrides = tiny_overrides(tiny_study, "new_decoder", "wound_healing.toml", 6) + [
-        f"model.init_from={embedding_base}", "data.output_space=all", "model.lora.modules_to_save=[pert_encoder]",
+        f"model.init_from={tiny_base}", "data.output_space=all", "model.lora.modules_to_save=[pert_encoder]",
         "model.decoder_hidden=[24]"]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
     loaded = load_any(run_dir)  # strict: the saved config describes the model that was trained
@@ -52,19 +53,19 @@ def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(t
     assert decoder_keys and any(not torch.equal(first[k], final[k]) for k in decoder_keys)  # it trained
 
 
-def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, tiny_base):
-    assert load_any(tiny_base).dims["gene_dim"]  # the shared base has a decoder (configs/pretrain.yaml)
+def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, decoder_base):
+    assert load_any(decoder_base).dims["gene_dim"]
     overrides = tiny_overrides(tiny_study, "emb_only", "wound_healing.toml", 2) + [
-        f"model.init_from={tiny_base}", "data.output_space=embedding"]
+        f"model.init_from={decoder_base}", "data.output_space=embedding"]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
     loaded = load_any(run_dir)
     assert base_model(loaded.model).gene_decoder is None and not loaded.dims["gene_dim"]
 
 
-def test_residual_readout_keeps_real_genes_when_the_model_predicts_no_change(tiny_study, embedding_base, tmp_path):
+def test_residual_readout_keeps_real_genes_when_the_model_predicts_no_change(tiny_study, tiny_base, tmp_path):
     """Fresh decoder, zero shift: residual genes are the basal cells' own; direct genes are the decoder's guess."""
     overrides = tiny_overrides(tiny_study, "identity", "wound_healing.toml", 0) + [
-        f"model.init_from={embedding_base}", "data.output_space=all", "model.lora.enable=false"]
+        f"model.init_from={tiny_base}", "data.output_space=all", "model.lora.enable=false"]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
 
     def predicted_genes(readout):
