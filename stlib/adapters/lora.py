@@ -68,16 +68,26 @@ def base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+READOUT = "gene_decoder"  # a per-cell readout beside the ST model; its size says nothing about the adapters
+
+
+def count_parameters(model: nn.Module, without: str | None = None) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ``without``: skip parameters under modules of that name."""
+    params = [p for name, p in model.named_parameters() if without is None or f".{without}." not in f".{name}"]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def has_readout(model: nn.Module) -> bool:
+    return getattr(base_model(model), READOUT, None) is not None
 
 
 def trainable_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    text = f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    if has_readout(model):
+        t, n = count_parameters(model, without=READOUT)
+        text += f"; without the gene decoder: {t:,} / {n:,} ({100 * t / max(n, 1):.2f}%)"
+    return text
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -136,6 +136,9 @@ def dynamics_from_scalars(scalars: pd.DataFrame, trainable: dict | None = None, 
         "trainable_params": trainable.get("trainable", np.nan),
         "total_params": trainable.get("total", np.nan),
         "trainable_pct": 100.0 * trainable["fraction"] if "fraction" in trainable else np.nan,
+        # without the gene decoder readout (trained in full beside the adapters): the adapters' own share
+        "trainable_pct_without_decoder": 100.0 * trainable.get("fraction_without_decoder", trainable.get(
+            "fraction", np.nan)),
     }
     for column, tag in AMAX_TAGS.items():
         out[column] = _stat(series(scalars, tag), np.max)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stlib.adapters.lora import apply_lora, count_parameters, save_adapter, trainable_summary
+from stlib.adapters.lora import READOUT, apply_lora, count_parameters, has_readout, save_adapter, trainable_summary
 from stlib.config import Config, ConfigError, save_config
 from stlib.data.datamodule import PerturbationDataModule
 from stlib.models.loading import DIMS_FILE, LoadedModel, load_any
@@ -167,8 +167,11 @@ def write_run_files(prep: PreparedRun, run_dir: Path, overrides: Sequence[str]) 
     (run_dir / DIMS_FILE).write_text(json.dumps(prep.dims, indent=1))
     prep.datamodule.save_maps(run_dir)
     trainable, total = count_parameters(prep.model)
-    (run_dir / "trainable_params.json").write_text(
-        json.dumps({"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}, indent=1))
+    counts = {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
+    if has_readout(prep.model):  # the share that describes the adapters: the ST model without its gene readout
+        t, n = count_parameters(prep.model, without=READOUT)
+        counts.update(trainable_without_decoder=t, total_without_decoder=n, fraction_without_decoder=t / max(n, 1))
+    (run_dir / "trainable_params.json").write_text(json.dumps(counts, indent=1))
 
 
 def _resolve_devices(tcfg) -> tuple[str, object]:

@@ -1,5 +1,7 @@
 """Gene decoders across fine-tuning: added when the base has none, dropped when unused, read out as a change."""
 
+import json
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -51,6 +53,11 @@ def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(t
     final = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
     decoder_keys = [k for k in final if "gene_decoder" in k and "modules_to_save" in k]
     assert decoder_keys and any(not torch.equal(first[k], final[k]) for k in decoder_keys)  # it trained
+    counts = json.loads((run_dir / "trainable_params.json").read_text())
+    trained = counts["trainable"] - counts["trainable_without_decoder"]
+    assert trained == sum(p.numel() for p in decoder.modules_to_save["default"].parameters())  # one copy trains
+    assert counts["total"] - counts["total_without_decoder"] == 2 * trained  # beside peft's frozen original
+    assert counts["fraction_without_decoder"] < counts["fraction"]  # the adapters' share, not the readout's
 
 
 def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, decoder_base):
