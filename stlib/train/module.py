@@ -114,12 +114,22 @@ class STLightningModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._last_batch_time = None  # validation time is not training throughput
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Called before Lightning clips gradients: this is the raw norm, the stability signal we compare.
-        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            self.log("train/grad_norm", norm, batch_size=1)
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip and log the norm *before* clipping (the stability signal we compare) in one pass over the grads.
+
+        Lightning calls this every step, with or without a clip value; clip_grad_norm_ returns the total norm
+        it measured, so logging costs no second pass.
+        """
+        grads = [p for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            norm = torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+            if gradient_clip_val:  # "value" clipping: Lightning's own
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.log("train/grad_norm", norm, batch_size=1)
 
     def _log_mhc_stats(self, bs: int) -> None:
         step = self.global_step

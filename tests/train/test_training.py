@@ -237,3 +237,20 @@ def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, tmp_path):
     assert not np.allclose(pred.X[~control], real.X[~control])
     direct = ad.read_h5ad(predict_run(run_dir, out_dir=tmp_path / "direct", gene_readout="direct")[0])
     assert (direct.X >= 0).all()  # the decoder's own output is non-negative expression
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_grad_norm_is_logged_before_clipping_and_clipping_applies(clip, monkeypatch):
+    from stlib.config import Config
+    from stlib.train.module import STLightningModule
+
+    module = STLightningModule(torch.nn.Linear(4, 3), Config())
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    raw = float(torch.linalg.vector_norm(torch.cat([p.grad.ravel() for p in module.parameters()])))
+    module.configure_gradient_clipping(None, gradient_clip_val=clip, gradient_clip_algorithm=None)
+    after = float(torch.linalg.vector_norm(torch.cat([p.grad.ravel() for p in module.parameters()])))
+    assert logged["train/grad_norm"] == pytest.approx(raw)  # the raw norm, whatever clipping does next
+    assert after == pytest.approx(raw if clip is None else clip, rel=1e-5)
