@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stlib.adapters.mhc import ManifoldHyperConnections, sinkhorn_knopp
+from stlib.adapters.mhc import ManifoldHyperConnections, ResidualBranchStack, sinkhorn_knopp
 
 LAYERS, HIDDEN, SEQ, BATCH, HEADS = 4, 128, 64, 8, 8
 
@@ -79,21 +79,11 @@ class Layer(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class Backbone(nn.Module):
+class Backbone(ResidualBranchStack):
     def __init__(self, d: int = HIDDEN, n_layers: int = LAYERS):
         super().__init__()
         self.layers = nn.ModuleList(Layer(d) for _ in range(n_layers))
         self.norm = nn.RMSNorm(d)
-        self.hyper_connections = None
-
-    def forward(self, h):
-        branches = [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
-        if self.hyper_connections is None:
-            for f in branches:
-                h = h + f(h)
-        else:
-            h = self.hyper_connections(h, branches)
-        return self.norm(h)
 
 
 class LucidrainsBackbone(Backbone):
@@ -106,7 +96,7 @@ class LucidrainsBackbone(Backbone):
         init_hc, self.expand, self.reduce = mc_get_init_and_expand_reduce_stream_functions(
             n_streams, num_fracs=1, sinkhorn_iters=20
         )
-        branches = [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
+        branches = self.branches()
         self.wrapped = nn.ModuleList(
             init_hc(dim=HIDDEN, branch=_Call(f), layer_index=i) for i, f in enumerate(branches)
         )

@@ -403,6 +403,31 @@ class ManifoldHyperConnections(nn.Module):
 # ------------------------------------------------------------------------------------------- applying
 
 
+class ResidualBranchStack(nn.Module):
+    """The backbone contract mHC wraps: ``layers`` with ``attn_branch``/``mlp_branch``, a final ``norm``.
+
+    ``hyper_connections`` None (the default) runs the ordinary pre-norm residual stack h <- h + F(h);
+    :func:`apply_mhc` sets it. Subclasses build ``layers`` and ``norm`` after calling ``super().__init__()``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_module("hyper_connections", None)
+
+    def branches(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Residual branches in depth order: attn_0, mlp_0, attn_1, mlp_1, ..."""
+        return [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D]."""
+        if self.hyper_connections is None:
+            for f in self.branches():
+                h = h + f(h)
+        else:
+            h = self.hyper_connections(h, self.branches())
+        return self.norm(h)
+
+
 def _find_backbone(model: nn.Module) -> nn.Module:
     backbone = getattr(model, "transformer_backbone", model)
     missing = [name for name in ("layers", "hyper_connections") if not hasattr(backbone, name)]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stlib.adapters.mhc import ResidualBranchStack
 from stlib.config import ModelConfig
 
 # State keeps (and never uses) a token embedding of LlamaConfig's default vocabulary size.
@@ -87,7 +88,7 @@ class SetTransformerLayer(nn.Module):
         return x + self.mlp_branch(x)
 
 
-class SetTransformer(nn.Module):
+class SetTransformer(ResidualBranchStack):
     """Stack of bidirectional LLaMA layers + final RMSNorm; input is already embedded ([B, S, D])."""
 
     def __init__(self, cfg: ModelConfig):
@@ -98,17 +99,3 @@ class SetTransformer(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(SetTransformerLayer(cfg, cfg.attention_dropout) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.hidden_dim, eps=cfg.rms_norm_eps)
-        self.register_module("hyper_connections", None)  # set by stlib.adapters.mhc; None = plain residuals
-
-    def branches(self) -> list:
-        """Residual branches in depth order: attn_0, mlp_0, attn_1, mlp_1, ..."""
-        return [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, S, D] -> [B, S, D]."""
-        if self.hyper_connections is None:
-            for f in self.branches():
-                h = h + f(h)
-        else:
-            h = self.hyper_connections(h, self.branches())
-        return self.norm(h)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stlib.adapters.mhc import ManifoldHyperConnections, MHCError, apply_mhc, sinkhorn_knopp
+from stlib.adapters.mhc import ManifoldHyperConnections, MHCError, ResidualBranchStack, apply_mhc, sinkhorn_knopp
 from stlib.config import MHCConfig
 
 
@@ -31,21 +31,11 @@ class ToyLayer(nn.Module):
         return self.down(F.gelu(self.up(self.n2(x))))
 
 
-class ToyBackbone(nn.Module):
+class ToyBackbone(ResidualBranchStack):
     def __init__(self, d: int = 16, n_layers: int = 2):
         super().__init__()
         self.layers = nn.ModuleList(ToyLayer(d) for _ in range(n_layers))
         self.norm = nn.RMSNorm(d)
-        self.hyper_connections = None
-
-    def forward(self, h):
-        branches = [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
-        if self.hyper_connections is None:
-            for f in branches:
-                h = h + f(h)
-        else:
-            h = self.hyper_connections(h, branches)
-        return self.norm(h)
 
 
 class ToyModel(nn.Module):
