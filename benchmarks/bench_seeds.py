@@ -32,16 +32,17 @@ VARIANTS = ("st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"
 METRICS = ("gene_correlation", "direction_cosine", "emb_direction_cosine", "cell_distance", "mse")
 
 
-def train_and_predict(variant: str, seed: int, max_steps: int | None) -> Path:
+def train_and_predict(variant: str, seed: int, max_steps: int | None, extra: list[str], tag: str) -> Path:
     from stlib.config import load_config
     from stlib.evaluate.predict import predict_run
     from stlib.train.run import train
 
-    overrides = [f"training.seed={seed}", f"output_dir={WORK / f'seed{seed}' / 'runs'}", "training.progress_bar=false"]
+    work = WORK / tag / f"seed{seed}"
+    overrides = [f"training.seed={seed}", f"output_dir={work / 'runs'}", "training.progress_bar=false", *extra]
     if max_steps is not None:
         overrides.append(f"training.max_steps={max_steps}")
     run_dir = train(load_config(REPO / "configs" / "variants" / f"{variant}.yaml", overrides), overrides)
-    return predict_run(run_dir, out_dir=WORK / f"seed{seed}" / "predictions")[0]
+    return predict_run(run_dir, out_dir=work / "predictions")[0]
 
 
 def ceiling(real_path: Path, data_path: Path) -> dict[str, float]:
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="default: the configs' (300)")
     parser.add_argument("--data", default=str(REPO / "data" / "wound_healing.h5ad"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "seeds.md"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. model.time_encoder=true)")
     args = parser.parse_args()
 
     import torch
@@ -93,7 +95,8 @@ def main() -> None:
         preds = []
         for variant in args.variants:
             print(f"[bench_seeds] seed {seed}: {variant}", flush=True)
-            preds.append(train_and_predict(variant, seed, args.max_steps))
+            preds.append(train_and_predict(variant, seed, args.max_steps, args.overrides,
+                                           "_".join(args.overrides) or "default"))
         summary, _ = evaluate_files(preds)
         rows.append(summary.assign(seed=seed))
     table = pd.concat(rows)
@@ -114,7 +117,8 @@ def main() -> None:
         "# Seed spread of the fine-tuned variants (embedded default, held-out cell types)", "",
         f"{datetime.date.today()} · {platform.processor() or platform.machine()} · python {sys.version.split()[0]} · "
         f"seeds {args.seeds} · {time.time() - started:.0f} s", "",
-        f"Command: `.venv/bin/python benchmarks/bench_seeds.py --seeds {' '.join(map(str, args.seeds))}`", "",
+        f"Command: `.venv/bin/python benchmarks/bench_seeds.py --seeds {' '.join(map(str, args.seeds))}"
+        f"{''.join(' ' + o for o in args.overrides)}`", "",
         "Mean ± standard deviation over seeds (min–max); baselines do not depend on the seed. Space of the first "
         f"columns: {table['space'].iloc[0]}; emb_* in the embedding.", "",
         header, *lines, "",

@@ -107,6 +107,9 @@ class ModelConfig:
     residual_space: str = "input"
     batch_encoder: bool = False  # add a learned batch embedding (needs data.batch_col)
     confidence_token: bool = False  # append a token that predicts the set's loss
+    # add a learned embedding of the group's time point (data.time_col, e.g. day) to every cell: the effect of a
+    # perturbation can then differ by day. Zero at start (a base without it keeps its outputs); needs data.time_col
+    time_encoder: bool = False
     decoder_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # gene decoder MLP widths
     decoder_loss_weight: float = 1.0  # weight of the decoder's per-cell MSE (real embedding -> real expression)
     # -- State architecture details (the model owner's fields; load_state_run fills them from a State run)

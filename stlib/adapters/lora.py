@@ -18,7 +18,7 @@ from stlib.config import LoraConfig
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # Always trained in full when present: new coefficients that the base never had.
-ALWAYS_TRAINABLE = ("hyper_connections",)
+ALWAYS_TRAINABLE = ("hyper_connections", "time_encoder")
 
 
 def lora_target_modules(cfg: LoraConfig) -> list[str]:

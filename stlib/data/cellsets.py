@@ -63,7 +63,7 @@ class CellSetStore:
     """Arrays and groups; draws and collates sets. Holds no AnnData, so DataLoader workers copy little."""
 
     def __init__(self, *, embed, genes, velocity, confidence, batch_codes, groups, group_pert_vec,
-                 group_pert_index, group_cell_type_index, cell_set_len):
+                 group_pert_index, group_cell_type_index, cell_set_len, group_time_index=None):
         self.embed = embed  # [N, D] float32
         self.genes = genes  # [N, G] float32 (dense or CSR) or None
         self.velocity = velocity  # [N, D] float32 or None
@@ -73,6 +73,7 @@ class CellSetStore:
         self.group_pert_vec = group_pert_vec  # [n_groups, P] float32
         self.group_pert_index = group_pert_index  # [n_groups] int64
         self.group_cell_type_index = group_cell_type_index  # [n_groups] int64
+        self.group_time_index = group_time_index  # [n_groups] int64 (code of the time point) or None
         self.cell_set_len = cell_set_len
 
     def draw(self, gid: int, n_sets: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +98,8 @@ class CellSetStore:
             "target_obs_index": torch.from_numpy(target_idx.astype(np.int64, copy=False)),
             "group_index": torch.from_numpy(gids),
         }
+        if self.group_time_index is not None:
+            out["time_index"] = torch.from_numpy(self.group_time_index[gids])  # [B]: one time point per set
         if self.genes is not None:
             rows = self.genes[target_idx.ravel()]
             rows = rows.toarray() if sp.issparse(rows) else rows

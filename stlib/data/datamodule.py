@@ -297,6 +297,7 @@ class PerturbationDataModule(L.LightningDataModule):
             frame["batch"] = ""
         times = _codes(obs[cfg.time_col]) if cfg.time_col is not None else None
         frame["time"] = times[0] if times is not None else -1
+        self._time_values = [str(t) for t in times[1]] if times is not None else None
 
         groups = _build_groups(frame, masks, cfg.batch_col is not None, times)
         _attach_basal(groups, frame, pert == cfg.control_pert, times)
@@ -315,6 +316,8 @@ class PerturbationDataModule(L.LightningDataModule):
             group_pert_index=np.array([self._pert_map[g.pert] for g in groups], np.int64),
             group_cell_type_index=np.array([self._cell_type_map[g.cell_type] for g in groups], np.int64),
             cell_set_len=self.cell_set_len,
+            group_time_index=(np.array([frame["time"].iat[g.obs_indices[0]] for g in groups], np.int64)
+                              if times is not None else None),
         )
         self._adata, self._masks, self._split_cfg = adata, masks, split_cfg
         labels = np.full(len(obs), "none", dtype=object)
@@ -391,6 +394,11 @@ class PerturbationDataModule(L.LightningDataModule):
     @property
     def gene_names(self) -> list[str]:
         return list(self.adata.var_names)
+
+    @property
+    def time_values(self) -> list[str] | None:
+        """The time points (data.time_col) in code order, as strings; None without a time column."""
+        return self._after_setup("_time_values")
 
     @property
     def n_batches(self) -> int | None:

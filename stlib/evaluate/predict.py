@@ -131,7 +131,7 @@ def _residual_genes(model, store, basal_emb: torch.Tensor, basal_rows: np.ndarra
 
 def _forward(model, batch: dict) -> dict:
     predict = getattr(model, "predict_sets", None)
-    args = (batch["basal"], batch["pert"], batch["batch_index"])
+    args = (batch["basal"], batch["pert"], batch["batch_index"], batch.get("time_index"))
     return predict(*args) if callable(predict) else model(*args)
 
 
@@ -153,6 +153,9 @@ def predict_split(
         )
     model = loaded.model.eval()
     store = dm.store
+    if getattr(base_model(model), "time_encoder", None) is not None and dm.time_values != loaded.dims.get("time_values"):
+        raise ValueError(f"the model's time encoder knows time points {loaded.dims.get('time_values')} but "
+                         f"{d.time_col!r} here has {dm.time_values}")
     obs = dm.adata.obs
     times = obs[d.time_col].to_numpy() if d.time_col else None
     genes_out = loaded.dims.get("gene_dim") is not None and store.genes is not None

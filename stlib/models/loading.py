@@ -87,6 +87,7 @@ def build_model(model_cfg: ModelConfig, dims: dict) -> nn.Module:
     model = StateTransitionModel(
         model_cfg, input_dim=dims["input_dim"], pert_dim=dims["pert_dim"],
         gene_dim=dims.get("gene_dim"), n_batches=dims.get("n_batches"),
+        n_times=len(dims["time_values"]) if dims.get("time_values") else None,
     )
     if model_cfg.use_mhc:
         model = apply_mhc(model, model_cfg.mhc)

@@ -119,7 +119,7 @@ class StateTransitionModel(nn.Module):
     """Set-to-set perturbation model; every option comes from :class:`ModelConfig`."""
 
     def __init__(self, cfg: ModelConfig, input_dim: int, pert_dim: int, gene_dim: int | None = None,
-                 n_batches: int | None = None):
+                 n_batches: int | None = None, n_times: int | None = None):
         super().__init__()
         self.cfg, self.input_dim, self.pert_dim, self.gene_dim = cfg, input_dim, pert_dim, gene_dim
         h = cfg.hidden_dim
@@ -148,6 +148,19 @@ class StateTransitionModel(nn.Module):
                                  "set data.batch_col to a column with batches, or model.batch_encoder=false")
             self.batch_encoder = nn.Embedding(n_batches, h)
         self.confidence_token = ConfidenceToken(h, cfg.dropout) if cfg.confidence_token else None
+        self.time_encoder = None
+        if cfg.time_encoder:
+            self.add_time_encoder(n_times)
+
+    def add_time_encoder(self, n_times: int | None) -> None:
+        """A learned embedding per time point, added to every cell; zero-initialised so outputs are unchanged."""
+        if not n_times:
+            raise ValueError("model.time_encoder=true needs time points: set data.time_col to a column with them "
+                             "(e.g. day), or model.time_encoder=false")
+        ref = self.pert_encoder[0].weight
+        self.time_encoder = nn.Embedding(n_times, self.cfg.hidden_dim, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.time_encoder.weight)
+        self.cfg = dataclasses.replace(self.cfg, time_encoder=True)
 
     def set_gene_decoder(self, gene_dim: int | None, cfg: ModelConfig | None = None) -> None:
         """A fresh gene decoder for ``gene_dim`` genes (None removes it): fine-tuning into another output space.
@@ -166,8 +179,10 @@ class StateTransitionModel(nn.Module):
                                         cfg.softplus).to(ref.device, ref.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
-        """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long) -> dict(pred, genes, confidence, hidden)."""
+    def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
+                time_index: torch.Tensor | None = None) -> dict:
+        """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long), time_index [B] (long: each set's time
+        point) -> dict(pred, genes, confidence, hidden)."""
         if basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(f"expected basal [B, S, D] and pert [B, S, P] with the same B, S; "
                              f"got {tuple(basal.shape)} and {tuple(pert.shape)}")
@@ -177,6 +192,10 @@ class StateTransitionModel(nn.Module):
             if batch_index is None:
                 raise ValueError("this model has a batch encoder: pass batch_index [B, S]")
             x = x + self.batch_encoder(batch_index.long())
+        if self.time_encoder is not None:
+            if time_index is None:
+                raise ValueError("this model has a time encoder: pass time_index [B] (each set's time point)")
+            x = x + self.time_encoder(time_index.long()).unsqueeze(1)
         if self.confidence_token is not None:
             x = self.confidence_token.append(x)
         h = self.transformer_backbone(x)
@@ -198,12 +217,13 @@ class StateTransitionModel(nn.Module):
         return {"pred": pred, "genes": genes, "confidence": confidence, "hidden": h}
 
     @torch.no_grad()
-    def predict_sets(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
+    def predict_sets(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
+                     time_index: torch.Tensor | None = None) -> dict:
         """Inference: eval mode (no dropout), no autograd; the previous train/eval mode is restored."""
         was_training = self.training
         self.eval()
         try:
-            return self.forward(basal, pert, batch_index)
+            return self.forward(basal, pert, batch_index, time_index)
         finally:
             self.train(was_training)
 

@@ -52,7 +52,7 @@ class STLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, batch: dict) -> dict:
-        return self.model(batch["basal"], batch["pert"], batch.get("batch_index"))
+        return self.model(batch["basal"], batch["pert"], batch.get("batch_index"), batch.get("time_index"))
 
     def compute_losses(self, batch: dict, out: dict, step: int) -> dict[str, torch.Tensor]:
         mcfg = self.cfg.model

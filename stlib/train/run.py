@@ -102,15 +102,27 @@ def prepare_run(cfg: Config) -> PreparedRun:
                                 need_velocity=cfg.model.use_velocity_alignment, seed=cfg.training.seed)
     dm.setup()
     dims = {"input_dim": dm.input_dim, "pert_dim": dm.pert_dim, "gene_dim": dm.gene_dim, "n_batches": dm.n_batches,
+            "time_values": dm.time_values,
             "gene_names": list(dm.gene_names) if dm.gene_dim else None}
 
+    if cfg.model.time_encoder and not dims["time_values"]:
+        raise ConfigError("model.time_encoder=true needs time points: set data.time_col to an obs column with them "
+                          "(e.g. day), or model.time_encoder=false")
     if base is None:
         from stlib.models.state_transition import StateTransitionModel
 
         model = StateTransitionModel(cfg.model, input_dim=dm.input_dim, pert_dim=dm.pert_dim, gene_dim=dm.gene_dim,
-                                     n_batches=dm.n_batches)
+                                     n_batches=dm.n_batches, n_times=len(dm.time_values or []))
     else:
         model = _model_from_base(base, dm, dims, new_perts, cfg.model)
+        if getattr(model, "time_encoder", None) is not None:
+            if (base.dims.get("time_values") or []) != (dims["time_values"] or []):
+                raise ConfigError(f"the base model's time encoder knows time points {base.dims.get('time_values')} "
+                                  f"but data.time_col gives {dims['time_values']}")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, time_encoder=True))
+        elif cfg.model.time_encoder:
+            log.info("adding a time encoder (zero at start, trained in full) for time points %s", dims["time_values"])
+            model.add_time_encoder(len(dims["time_values"] or []))
         lora = cfg.model.lora
         if lora.enable and dims["gene_dim"] and not base.dims.get("gene_dim") and "gene_decoder" not in lora.modules_to_save:
             log.info("the new gene decoder trains in full beside the adapters (model.lora.modules_to_save)")

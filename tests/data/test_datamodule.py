@@ -112,7 +112,7 @@ def test_batch_keys_shapes_dtypes(split_dm):
                 "pert": ((B, S, p), torch.float32), "pert_index": ((B,), torch.long),
                 "cell_type_index": ((B,), torch.long), "batch_index": ((B, S), torch.long),
                 "basal_obs_index": ((B, S), torch.long), "target_obs_index": ((B, S), torch.long),
-                "group_index": ((B,), torch.long)}
+                "group_index": ((B,), torch.long), "time_index": ((B,), torch.long)}
     assert set(batch) == set(expected)
     for key, (shape, dtype) in expected.items():
         assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, key
@@ -120,6 +120,9 @@ def test_batch_keys_shapes_dtypes(split_dm):
     onehot = batch["pert"].argmax(-1)
     assert torch.equal(onehot, batch["pert_index"][:, None].expand(B, S))
     assert torch.equal(batch["pert"].sum(-1), torch.ones(B, S))
+    times = split_dm.adata.obs[split_dm.data_cfg.time_col].astype(str).to_numpy()
+    for row, t in zip(batch["target_obs_index"].numpy(), batch["time_index"].numpy(), strict=True):
+        assert set(times[row]) == {split_dm.time_values[t]}  # each set's time point is its target cells'
 
 
 def test_train_sets_without_replacement_for_large_groups(split_dm):

@@ -85,6 +85,24 @@ def test_batch_encoder_changes_outputs_and_needs_indices():
         StateTransitionModel(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P)
 
 
+def test_time_encoder_starts_silent_then_separates_time_points_and_needs_indices():
+    torch.manual_seed(0)
+    plain = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).eval()
+    timed = StateTransitionModel(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P, n_times=3).eval()
+    missing, unexpected = timed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["time_encoder.weight"] and not unexpected
+    basal, pert = inputs()
+    day0, day2 = torch.zeros(B, dtype=torch.long), torch.full((B,), 2)
+    torch.testing.assert_close(timed(basal, pert, time_index=day2)["pred"], plain(basal, pert)["pred"])  # zero at start
+    with torch.no_grad():
+        timed.time_encoder.weight.normal_()
+    assert (timed(basal, pert, time_index=day0)["pred"] - timed(basal, pert, time_index=day2)["pred"]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="time_index"):
+        timed(basal, pert)
+    with pytest.raises(ValueError, match="data.time_col"):
+        StateTransitionModel(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P)
+
+
 def test_predict_residual_adds_basal_encoding_before_projection():
     torch.manual_seed(0)
     res = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).eval()

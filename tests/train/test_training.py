@@ -150,9 +150,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     ("data.control_pert=PBS", DataError, r"control 'PBS' \(data.control_pert\).*'Burn', 'Sham'"),
     ("data.embed_key=X_pca", DataError, r"obsm 'X_pca' \(data.embed_key\) not found.*X_state"),
     ("model.init_from=/nowhere/base", ValueError, r"model path not found: /nowhere/base"),
+    ("model.time_encoder=true data.time_col=null", ConfigError, r"model.time_encoder=true needs .*data.time_col"),
 ])
 def test_bad_input_fails_before_any_training(tiny_study, tiny_base, override, error, match):
-    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", extra=["name=bad_input", override])
+    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", extra=["name=bad_input", *override.split()])
     with pytest.raises(error, match=match):
         train(cfg, overrides)
     assert not (cfg.run_dir / "checkpoints").exists()
@@ -183,6 +184,7 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
 
 
 FINETUNE_CHOICES = {"blur", "cell_set_len", "decoder_loss_weight", "dropout", "init_from", "lora", "loss", "mhc",
+                    "time_encoder",
                     "use_mhc", "use_velocity_alignment", "velocity_beta", "velocity_lambda", "velocity_warmup_steps"}
 
 
@@ -254,3 +256,20 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_applies(clip, monkeypa
     after = float(torch.linalg.vector_norm(torch.cat([p.grad.ravel() for p in module.parameters()])))
     assert logged["train/grad_norm"] == pytest.approx(raw)  # the raw norm, whatever clipping does next
     assert after == pytest.approx(raw if clip is None else clip, rel=1e-5)
+
+
+def test_a_time_encoder_is_added_to_the_base_trained_and_used_for_prediction(tiny_study, tiny_base, tmp_path):
+    import anndata as ad
+
+    from stlib.evaluate.predict import predict_run
+
+    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", steps=6, extra=["name=timed",
+                                                                                  "model.time_encoder=true"])
+    run_dir = train(cfg, overrides)
+    loaded = load_any(run_dir)  # strict: config.yaml + model_dims.json describe the model with its time encoder
+    assert loaded.model_cfg.time_encoder and loaded.dims["time_values"] == ["10", "14", "19"]
+    weights = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
+    (key,) = [k for k in weights if "time_encoder" in k]
+    assert weights[key].abs().sum() > 0  # started at zero, trained beside the adapters
+    pred = ad.read_h5ad(predict_run(run_dir, out_dir=tmp_path)[0])
+    assert set(pred.obs["day"].astype(str)) == {"10", "14", "19"}
