@@ -117,6 +117,17 @@ class _Call(nn.Module):
         return self.f[0](x)
 
 
+def _trained(plain: Backbone, device: str, kernel: str) -> Backbone:
+    """A "trained" mHC state: token-dependent coefficients (dynamic logits ~ N(0, 1)), real per-token Sinkhorn work."""
+    model = Backbone().to(device)
+    model.load_state_dict(plain.state_dict())
+    model.hyper_connections = ManifoldHyperConnections(HIDDEN, 2 * LAYERS, n_streams=4, kernel=kernel).to(device)
+    with torch.no_grad():
+        model.hyper_connections.phi.normal_(0, (4 * HIDDEN) ** -0.5)
+        model.hyper_connections.alpha.fill_(1.0)
+    return model
+
+
 def _step(model, x):
     model.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
@@ -150,7 +161,7 @@ def _quantile(values: list[float], q: float) -> float:
 def speed_table(threads: list[int], repeats: int, device: str, lucidrains: bool) -> None:
     print(f"\nfwd+bwd ms: {LAYERS} layers, hidden {HIDDEN}, seq {SEQ}, batch {BATCH}, device {device}")
     print(
-        f"{'threads':>7} {'variant':<24} {'median':>8} {'min':>8} {'max':>8} {'x plain':>8} {'cpu med':>8} {'x plain':>8}"
+        f"{'threads':>7} {'variant':<30} {'median':>8} {'min':>8} {'max':>8} {'x plain':>8} {'cpu med':>8} {'x plain':>8}"
         f" {'cpu p20':>8} {'x plain':>8}"
     )
     for n_threads in threads:
@@ -160,13 +171,10 @@ def speed_table(threads: list[int], repeats: int, device: str, lucidrains: bool)
         ours = Backbone().to(device)
         ours.load_state_dict(plain.state_dict())
         ours.hyper_connections = ManifoldHyperConnections(HIDDEN, 2 * LAYERS, n_streams=4, sinkhorn_iters=20).to(device)
-        trained = Backbone().to(device)
-        trained.load_state_dict(plain.state_dict())
-        trained.hyper_connections = ManifoldHyperConnections(HIDDEN, 2 * LAYERS, n_streams=4).to(device)
-        with torch.no_grad():  # a "trained" state: token-dependent coefficients, per-token Sinkhorn work
-            trained.hyper_connections.phi.normal_(0, (4 * HIDDEN) ** -0.5)  # dynamic logits ~ N(0, 1)
-            trained.hyper_connections.alpha.fill_(1.0)
+        trained = _trained(plain, device, kernel="auto")
         models = {"plain residual": plain, "mHC ours (init)": ours, "mHC ours (trained)": trained}
+        if device == "cpu":  # the same model through eager torch ops instead of the compiled CPU loops
+            models["mHC ours, torch ops (trained)"] = _trained(plain, device, kernel="torch")
         if lucidrains:
             luc = LucidrainsBackbone().to(device)
             luc.load_state_dict(plain.state_dict(), strict=False)
@@ -178,7 +186,7 @@ def speed_table(threads: list[int], repeats: int, device: str, lucidrains: bool)
         for name, t in times.items():
             med, cmed, low = statistics.median(t), statistics.median(cpu[name]), _quantile(cpu[name], 0.2)
             print(
-                f"{n_threads:>7} {name:<24} {med:8.2f} {min(t):8.2f} {max(t):8.2f} {med / base:8.2f} "
+                f"{n_threads:>7} {name:<30} {med:8.2f} {min(t):8.2f} {max(t):8.2f} {med / base:8.2f} "
                 f"{cmed:8.2f} {cmed / cpu_base:8.2f} {low:8.2f} {low / low_base:8.2f}"
             )
         if "mHC ours (trained)" in models:

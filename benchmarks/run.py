@@ -107,13 +107,23 @@ def run_mhc(threads: int, repeats: int, device: str) -> tuple[str, list[str], st
         raise RuntimeError(f"bench_mhc.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     print(out.stdout, flush=True)
     summary = []
-    rows = dict(re.findall(r"^\s*\d+ (mHC ours \(trained\)|mHC lucidrains|mHC ours \(init\))\s+([\d.]+)", out.stdout,
-                           re.MULTILINE))
+    # row: threads, name, wall median/min/max, x plain, cpu median, x plain, cpu p20, x plain
+    rows = {name: [float(v) for v in values.split()] for name, values in re.findall(
+        r"^\s*\d+ (mHC ours \(trained\)|mHC lucidrains|mHC ours \(init\)|mHC ours, torch ops \(trained\))"
+        r"((?:\s+[\d.]+){8})\s*$", out.stdout, re.MULTILINE)}
     if "mHC lucidrains" in rows and "mHC ours (trained)" in rows:
-        ours, theirs = float(rows["mHC ours (trained)"]), float(rows["mHC lucidrains"])
-        summary.append(f"mHC block (4 layers, hidden 128, seq 64, batch 8, fwd+bwd, {threads} thread(s)): ours "
-                       f"{ours:.0f} ms (trained state) vs lucidrains hyper-connections {theirs:.0f} ms — "
-                       f"{theirs / ours:.2f}× faster.")
+        ours, theirs = rows["mHC ours (trained)"], rows["mHC lucidrains"]
+        init = rows.get("mHC ours (init)")
+        summary.append(
+            f"mHC block (4 layers, hidden 128, seq 64, batch 8, fwd+bwd, {threads} thread(s)): ours {ours[0]:.0f} ms "
+            f"(trained state) vs lucidrains hyper-connections {theirs[0]:.0f} ms — **{theirs[0] / ours[0]:.2f}× faster** "
+            f"(goal ≥ 3×); ours × plain residual, CPU time: "
+            + (f"{init[5]:.2f}× at init, " if init else "") + f"**{ours[5]:.2f}×** trained (goal ≤ 1.3×); "
+            f"lucidrains {theirs[5]:.2f}×."
+        )
+        if "mHC ours, torch ops (trained)" in rows:
+            summary.append(f"mHC CPU kernels (numba) vs the same maths in eager torch ops: trained state "
+                           f"{ours[5]:.2f}× vs {rows['mHC ours, torch ops (trained)'][5]:.2f}× plain.")
     return "```\n" + out.stdout.strip() + "\n```", summary, "PYTHONPATH=. " + shlex.join(
         ["benchmarks/.venv/bin/python", *command[1:]])
 

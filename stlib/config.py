@@ -81,8 +81,11 @@ class MHCConfig:
     sinkhorn_iters: int = 20  # cap on Sinkhorn-Knopp iterations
     sinkhorn_tol: float = 1e-6  # stop early when row and column sums are this close to 1
     alpha_init: float = 0.01  # initial gate on the dynamic (token-dependent) coefficients
+    kernel: str = "auto"  # per-token stream work: auto = compiled numba loops on CPU, torch ops elsewhere; numba | torch
 
     def __post_init__(self):
+        if self.kernel not in ("auto", "numba", "torch"):
+            raise ConfigError(f"model.mhc.kernel must be one of auto, numba, torch; got {self.kernel!r}")
         if self.n_streams < 1:
             raise ConfigError(f"model.mhc.n_streams must be >= 1, got {self.n_streams}")
         if self.sinkhorn_iters < 1:

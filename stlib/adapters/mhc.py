@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from stlib.adapters import mhc_kernels
+
 if TYPE_CHECKING:  # only for annotations: keeps this module importable without omegaconf (benchmarks/.venv)
     from stlib.config import MHCConfig
 
@@ -43,6 +45,7 @@ RES_OFF_DIAGONAL_LOGIT = -2.0
 # static H_pre weight of branch l on stream (l mod K); the other K-1 streams share the rest equally. 1/K would
 # be uniform, and then every stream gets the same gradient forever (tests: test_uniform_pre_init...).
 PRE_PRIMARY_WEIGHT = 0.5
+KERNELS = ("auto", "numba", "torch")  # per-token work: numba's compiled loops on CPU (auto), or eager torch ops
 NEWTON_ITERS = 30  # cap on Newton polishing steps for matrices Sinkhorn leaves above tol
 _CHECK_EVERY = 5  # Sinkhorn sweeps between convergence checks (each check is a host sync)
 _EARLY_CHECKS = (0, 2)  # plus these: already-balanced matrices (mHC at init) stop before any sweep
@@ -284,6 +287,68 @@ class _BranchRead(torch.autograd.Function):
         return g_x, g_phi, g_bias, g_alpha, None, None, None, None, None
 
 
+class _BranchReadFused(torch.autograd.Function):
+    """_BranchRead on CPU with the per-token work in compiled loops (mhc_kernels); the dense products stay in torch."""
+
+    @staticmethod
+    def forward(ctx, x, phi, bias, alpha, group, n_iters, tol, newton_iters, eps):
+        n, k, d = x.shape
+        x = x.contiguous()
+        flat = x.view(n, k * d)
+        t = flat @ phi  # [N, M]
+        gate = alpha[group]
+        inp, mixed, gates, p, r = mhc_kernels.branch_read_forward(
+            x.detach().numpy(), t.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
+            eps, n_iters, tol, newton_iters,
+        )
+        gates, p, r = torch.from_numpy(gates), torch.from_numpy(p), torch.from_numpy(r)
+        ctx.save_for_backward(x, phi, t, r, gate, gates, p)
+        ctx.group = group
+        res = p.to(x.dtype)
+        ctx.mark_non_differentiable(res)
+        return torch.from_numpy(inp), torch.from_numpy(mixed), 2 * gates[:, k:], res
+
+    @staticmethod
+    def backward(ctx, g_inp, g_mixed, g_post, _):
+        x, phi, t, r, gate, gates, p = ctx.saved_tensors
+        n, k, d = x.shape
+        g_x, g_c, g_t = mhc_kernels.branch_read_backward(
+            x.numpy(), t.detach().numpy(), r.numpy(), gate.detach().numpy(), gates.numpy(), p.numpy(),
+            g_inp.contiguous().numpy(), g_mixed.contiguous().numpy(), g_post.contiguous().numpy(),
+        )
+        g_x, g_c, g_t = torch.from_numpy(g_x), torch.from_numpy(g_c), torch.from_numpy(g_t)
+        g_x.view(n, k * d).addmm_(g_t, phi.detach().T)
+        g_phi = (g_t.T @ x.view(n, k * d)).T  # [K*D, M]; this orientation is the faster matmul on CPU
+        g_alpha = torch.zeros(3, dtype=x.dtype).index_add_(0, ctx.group, (g_c * (t.detach() * r[:, None])).sum(0))
+        return g_x, g_phi, g_c.sum(0), g_alpha, None, None, None, None, None
+
+
+class _StreamWriteFused(torch.autograd.Function):
+    """X <- mixed + H_post^T y (x [N, K, D] from mixed [N, K, D], post [N, K], y [N, D]); one-pass CPU backward."""
+
+    @staticmethod
+    def forward(ctx, mixed, post, y):
+        ctx.save_for_backward(post, y)
+        return torch.from_numpy(mhc_kernels.stream_write(*(v.detach().contiguous().numpy() for v in (mixed, post, y))))
+
+    @staticmethod
+    def backward(ctx, g):
+        post, y = ctx.saved_tensors
+        g_post, g_y = mhc_kernels.stream_write_backward(
+            g.contiguous().numpy(), y.detach().contiguous().numpy(), post.detach().contiguous().numpy()
+        )
+        return g, torch.from_numpy(g_post), torch.from_numpy(g_y)
+
+
+def _use_fused(kernel: str, x: torch.Tensor) -> bool:
+    """The numba kernels run on CPU float32/float64 tensors; "auto" picks them there, torch elsewhere."""
+    fits = mhc_kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if kernel == "numba" and not fits:
+        raise MHCError(f"mHC kernel 'numba' needs numba and a CPU float32/float64 tensor; got {x.dtype} on "
+                       f"{x.device.type}{'' if mhc_kernels.AVAILABLE else ' (numba is not installed)'}")
+    return fits and kernel != "torch"
+
+
 # ------------------------------------------------------------------------------------------- module
 
 
@@ -304,15 +369,19 @@ class ManifoldHyperConnections(nn.Module):
         alpha_init: float = 0.01,
         eps: float = 1e-6,
         pre_primary_weight: float = PRE_PRIMARY_WEIGHT,
+        kernel: str = "auto",
     ):
         super().__init__()
         if n_streams < 1 or n_branches < 1 or dim < 1:
             raise MHCError(f"need dim, n_branches, n_streams >= 1; got {dim}, {n_branches}, {n_streams}")
+        if kernel not in KERNELS:
+            raise MHCError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if not 0 < pre_primary_weight < 1:
             raise MHCError(f"pre_primary_weight must be in (0, 1), got {pre_primary_weight}")
         k = n_streams
         self.dim, self.n_branches, self.n_streams = dim, n_branches, k
         self.sinkhorn_iters, self.sinkhorn_tol, self.eps = sinkhorn_iters, sinkhorn_tol, eps
+        self.kernel = kernel
         n_coef = 2 * k + k * k
         self.phi = nn.Parameter(torch.zeros(n_branches, k * dim, n_coef))
         self.alpha = nn.Parameter(torch.full((n_branches, 3), float(alpha_init)))
@@ -362,10 +431,15 @@ class ManifoldHyperConnections(nn.Module):
         x = h.reshape(n, 1, d).expand(n, k, d).contiguous()  # [N, K, D]: K identical copies
         self._last_res = []
         args = (self.group, self.sinkhorn_iters, self.sinkhorn_tol, NEWTON_ITERS, self.eps)
+        fused = _use_fused(self.kernel, x)
+        read = _BranchReadFused if fused else _BranchRead
         for index, branch in enumerate(branches):
-            inp, mixed, post, res = _BranchRead.apply(x, self.phi[index], self.bias[index], self.alpha[index], *args)
-            y = branch(inp.view(b, s, d)).reshape(n, 1, d)  # F(H_pre X)
-            x = torch.addcmul(mixed, post.unsqueeze(-1), y)  # X <- H_res X + H_post^T y
+            inp, mixed, post, res = read.apply(x, self.phi[index], self.bias[index], self.alpha[index], *args)
+            y = branch(inp.view(b, s, d)).reshape(n, d)  # F(H_pre X)
+            if fused:
+                x = _StreamWriteFused.apply(mixed, post, y)  # X <- H_res X + H_post^T y
+            else:
+                x = torch.addcmul(mixed, post.unsqueeze(-1), y.unsqueeze(1))
             self._last_res.append(res)
         return x.view(b, s, k, d)
 
@@ -396,7 +470,7 @@ class ManifoldHyperConnections(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, n_branches={self.n_branches}, n_streams={self.n_streams}, "
-            f"sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_tol={self.sinkhorn_tol}"
+            f"sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_tol={self.sinkhorn_tol}, kernel={self.kernel}"
         )
 
 
@@ -462,6 +536,7 @@ def apply_mhc(model: nn.Module, mhc_cfg: MHCConfig) -> nn.Module:
         sinkhorn_iters=mhc_cfg.sinkhorn_iters,
         sinkhorn_tol=mhc_cfg.sinkhorn_tol,
         alpha_init=mhc_cfg.alpha_init,
+        kernel=mhc_cfg.kernel,
     )
     backbone.hyper_connections = module.to(device=reference.device, dtype=reference.dtype)
     return model

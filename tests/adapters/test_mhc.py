@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stlib.adapters.mhc import ManifoldHyperConnections, MHCError, ResidualBranchStack, apply_mhc, sinkhorn_knopp
-from stlib.config import MHCConfig
+from stlib.config import ConfigError, MHCConfig
 
 
 def ds_error(p: torch.Tensor) -> float:
@@ -172,11 +172,12 @@ def eager_streams(mhc: ManifoldHyperConnections, h: torch.Tensor, branches) -> t
     return x.view(b, s, mhc.n_streams, d)
 
 
-def test_fused_branch_read_matches_eager_autograd():
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_fused_branch_read_matches_eager_autograd(kernel):
     """Forward and every gradient (x, phi, alpha, bias) of the hand-written backward == autograd, float64, trained state."""
     torch.manual_seed(12)
     backbone = ToyBackbone().double()
-    mhc = ManifoldHyperConnections(16, 4, n_streams=4, sinkhorn_tol=1e-12).double()
+    mhc = ManifoldHyperConnections(16, 4, n_streams=4, sinkhorn_tol=1e-12, kernel=kernel).double()
     with torch.no_grad():  # token-dependent coefficients and an unbalanced static part: every path does work
         mhc.phi.normal_(0, 0.2)
         mhc.alpha.uniform_(0.5, 1.5)
@@ -191,6 +192,48 @@ def test_fused_branch_read_matches_eager_autograd():
         grads.append([out, *torch.autograd.grad((out * weight).sum(), [x, mhc.phi, mhc.alpha, mhc.bias])])
     for name, ours, ref in zip(["out", "x", "phi", "alpha", "bias"], *grads):
         torch.testing.assert_close(ours, ref, atol=1e-9, rtol=1e-7, msg=f"{name} differs")
+
+
+def test_numba_and_torch_kernels_agree_in_float32():
+    """The default CPU path (numba) and the torch path give the same outputs and gradients at float32 precision."""
+    torch.manual_seed(3)
+    backbone = ToyBackbone(d=32)
+    branches = backbone.branches()
+    h = torch.randn(3, 7, 32)
+    results = []
+    for kernel in ("torch", "numba"):
+        torch.manual_seed(4)
+        mhc = ManifoldHyperConnections(32, 4, n_streams=4, kernel=kernel)
+        with torch.no_grad():
+            mhc.phi.normal_(0, 0.3)
+            mhc.alpha.fill_(1.0)
+        x = h.clone().requires_grad_()
+        out = mhc(x, branches)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, mhc.phi, mhc.alpha, mhc.bias])])
+    for name, a, b in zip(["out", "x", "phi", "alpha", "bias"], *results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{name} differs between kernels")
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
+def test_numba_projection_matches_torch_projection(scale):
+    """Both projections land on the same doubly-stochastic matrix (it is unique) within their tolerance."""
+    from stlib.adapters import mhc_kernels
+
+    torch.manual_seed(int(scale))
+    logits = torch.randn(300, 4, 4, dtype=torch.float64) * scale
+    ours = torch.from_numpy(mhc_kernels.project(logits.numpy(), 20, 1e-9, 30))
+    assert ds_error(ours) < 1e-8
+    torch.testing.assert_close(ours, sinkhorn_knopp(logits, tol=1e-9), atol=1e-6, rtol=0)
+
+
+def test_kernel_choice_is_checked():
+    with pytest.raises(MHCError, match="kernel must be one of"):
+        ManifoldHyperConnections(8, 2, kernel="cuda")
+    mhc = ManifoldHyperConnections(8, 2, kernel="numba").to(torch.bfloat16)
+    with pytest.raises(MHCError, match="numba.*float32/float64"):
+        mhc(torch.randn(1, 3, 8, dtype=torch.bfloat16), [lambda x: x, lambda x: x])
+    with pytest.raises(ConfigError, match="model.mhc.kernel"):
+        MHCConfig(kernel="fast")
 
 
 def test_training_moves_params_and_outputs():
