@@ -115,12 +115,12 @@ def main() -> None:
     header = "| model | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics)
     text = "\n".join([
         "# Seed spread of the fine-tuned variants (embedded default, held-out cell types)", "",
-        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · python {sys.version.split()[0]} · "
-        f"seeds {args.seeds} · {time.time() - started:.0f} s", "",
-        f"Command: `.venv/bin/python benchmarks/bench_seeds.py --seeds {' '.join(map(str, args.seeds))}"
-        f"{''.join(' ' + o for o in args.overrides)}`", "",
-        "Mean ± standard deviation over seeds (min–max); baselines do not depend on the seed. Space of the first "
-        f"columns: {table['space'].iloc[0]}; emb_* in the embedding.", "",
+        (f"{datetime.date.today()} · {platform.processor() or platform.machine()} · python {sys.version.split()[0]} · "
+         f"seeds {args.seeds} · {time.time() - started:.0f} s"), "",
+        (f"Command: `.venv/bin/python benchmarks/bench_seeds.py --seeds {' '.join(map(str, args.seeds))}"
+         f"{''.join(' ' + o for o in args.overrides)}`"), "",
+        ("Mean ± standard deviation over seeds (min–max); baselines do not depend on the seed. Space of the first "
+         f"columns: {table['space'].iloc[0]}; emb_* in the embedding."), "",
         header, *lines, "",
     ])
     Path(args.out).write_text(text)

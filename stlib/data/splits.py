@@ -21,12 +21,12 @@ group's cell type wherever their own label puts them.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tomllib
 
 from stlib.config import DataConfig
 from stlib.data.errors import DataError, listing

@@ -35,7 +35,6 @@ from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
 from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
 from stlib.models.loading import LoadedModel, load_any
 
-
 GENE_READOUTS = ("residual", "direct")
 
 

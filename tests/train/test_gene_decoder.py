@@ -2,7 +2,6 @@
 
 import json
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
