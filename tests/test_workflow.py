@@ -106,3 +106,19 @@ def test_both_notebooks_run_under_papermill(velocity_data, tiny_base, tmp_path):
     executed = json.loads((tmp_path / "compare_executed.ipynb").read_text())
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # the figures are shown in the notebook, not only saved
+
+
+@pytest.mark.parametrize("notebook", ["train_all_variants.ipynb", "compare_results.ipynb"])
+def test_papermill_sees_every_notebook_parameter(notebook):
+    """`papermill --help-notebook` lists each parameter; a line it cannot parse (e.g. a second '=' in a comment)
+    silently drops that parameter from the help and warns on every run."""
+    import ast
+
+    import nbformat
+    import papermill
+
+    nb = nbformat.read(REPO / "notebooks" / notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert assigned, "the parameters cell assigns nothing"
+    assert set(papermill.inspect_notebook(str(REPO / "notebooks" / notebook))) == assigned
