@@ -180,9 +180,9 @@ class StateTransitionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
-                time_index: torch.Tensor | None = None) -> dict:
+                time_index: torch.Tensor | None = None, decode: bool = True) -> dict:
         """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long), time_index [B] (long: each set's time
-        point) -> dict(pred, genes, confidence, hidden)."""
+        point) -> dict(pred, genes, confidence, hidden); genes is None without a decoder or with decode=False."""
         if basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(f"expected basal [B, S, D] and pert [B, S, P] with the same B, S; "
                              f"got {tuple(basal.shape)} and {tuple(pert.shape)}")
@@ -213,7 +213,7 @@ class StateTransitionModel(nn.Module):
             pred = self.project_out(h)
         if self.cfg.output_relu:
             pred = torch.relu(pred)
-        genes = self.gene_decoder(pred) if self.gene_decoder is not None else None
+        genes = self.gene_decoder(pred) if self.gene_decoder is not None and decode else None
         return {"pred": pred, "genes": genes, "confidence": confidence, "hidden": h}
 
     @torch.no_grad()

@@ -45,6 +45,27 @@ def test_shapes_per_output_space(space):
         assert (out["genes"] >= 0).all()
 
 
+def test_training_decodes_real_cells_only_never_the_prediction():
+    """The training step reads the decoder out on real cells (its loss); decoding the prediction would be wasted work.
+
+    decode=False leaves the prediction unchanged and returns no genes; a training step's forward and losses call the decoder once."""
+    from stlib.config import Config
+    from stlib.train.module import STLightningModule
+
+    torch.manual_seed(0)
+    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=30).eval()
+    basal, pert = inputs()
+    full, lean = model(basal, pert), model(basal, pert, decode=False)
+    assert lean["genes"] is None and torch.equal(lean["pred"], full["pred"])
+    calls = []
+    model.gene_decoder.register_forward_hook(lambda mod, args, out: calls.append(args[0]))
+    module = STLightningModule(model.train(), Config())
+    target = torch.randn(B, S, D)
+    batch = {"basal": basal, "pert": pert, "target": target, "target_genes": torch.rand(B, S, 30)}
+    module.compute_losses(batch, module(batch), step=0)  # what training_step does, without a Trainer
+    assert len(calls) == 1 and torch.equal(calls[0], target)
+
+
 def test_state_attribute_names():
     model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=5)
     prefixes = {k.split(".")[0] for k in model.state_dict()}
