@@ -126,6 +126,7 @@ class ModelConfig:
     softplus: bool = True  # Softplus on decoded expression (non-negative); State runs load with ReLU instead
     loss: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
     blur: float = 0.05  # sinkhorn blur (ignored by energy)
+    set_mean_weight: float = 0.0  # + this x mean over D of (predicted set mean - real set mean)^2; 0 = off
     init_from: str | None = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch
     lora: LoraConfig = field(default_factory=LoraConfig)
     use_mhc: bool = False  # manifold-constrained hyper-connections around every block
@@ -137,6 +138,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.loss", self.loss, LOSSES)
+        if self.set_mean_weight < 0:
+            raise ConfigError(f"model.set_mean_weight must be >= 0, got {self.set_mean_weight}")
         _check_choice("model.residual_space", self.residual_space, RESIDUAL_SPACES)
         heads_dim = self.head_dim or self.hidden_dim // self.n_heads
         if self.head_dim is None and self.hidden_dim % self.n_heads:

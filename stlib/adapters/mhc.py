@@ -189,25 +189,39 @@ def _project_backward(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class _SinkhornKnopp(torch.autograd.Function):
-    """Forward: the projection without a graph. Backward: implicit differentiation (_project_backward)."""
+    """Forward: the projection without a graph. Backward: implicit differentiation (_project_backward).
+
+    With ``compiled`` the same maths runs in mhc_kernels' loops (CPU); p is then saved batch-first [N, n, n].
+    """
 
     @staticmethod
-    def forward(ctx, logits, n_iters, tol, newton_iters):
+    def forward(ctx, logits, n_iters, tol, newton_iters, compiled):
         shape = logits.shape
-        p = _project(_batch_last(logits.detach().reshape(-1, shape[-2], shape[-1])), n_iters, tol, newton_iters)
+        flat = logits.detach().reshape(-1, shape[-2], shape[-1])
+        ctx.shape, ctx.compiled = shape, compiled
+        if compiled:
+            p = torch.from_numpy(mhc_kernels.project(flat.to(torch.float64).contiguous().numpy(), n_iters, tol,
+                                                     newton_iters))
+            ctx.save_for_backward(p)
+            return p.to(logits.dtype).reshape(shape)
+        p = _project(_batch_last(flat), n_iters, tol, newton_iters)
         ctx.save_for_backward(p)
-        ctx.shape = shape
         return p.permute(2, 0, 1).to(logits.dtype).reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
-        (p,) = ctx.saved_tensors  # [n, n, N]
-        dl = _project_backward(p, _batch_last(grad.reshape(-1, *p.shape[:2])))
-        return dl.permute(2, 0, 1).to(grad.dtype).reshape(ctx.shape), None, None, None
+        (p,) = ctx.saved_tensors
+        if ctx.compiled:
+            g = grad.reshape(p.shape).to(torch.float64).contiguous()
+            dl = torch.from_numpy(mhc_kernels.project_backward(p.numpy(), g.numpy()))
+            return dl.to(grad.dtype).reshape(ctx.shape), None, None, None, None
+        dl = _project_backward(p, _batch_last(grad.reshape(-1, *p.shape[:2])))  # p: [n, n, N]
+        return dl.permute(2, 0, 1).to(grad.dtype).reshape(ctx.shape), None, None, None, None
 
 
 def sinkhorn_knopp(
-    logits: torch.Tensor, n_iters: int = 20, tol: float = 1e-6, newton_iters: int = NEWTON_ITERS
+    logits: torch.Tensor, n_iters: int = 20, tol: float = 1e-6, newton_iters: int = NEWTON_ITERS,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Project logits [..., n, n] onto doubly-stochastic matrices (Sinkhorn-Knopp of exp(logits)).
 
@@ -215,15 +229,19 @@ def sinkhorn_knopp(
     Sinkhorn sweeps with an early exit once all row and column sums are within tol; matrices still above
     tol (near-permutations, where Sinkhorn needs thousands of sweeps) get up to newton_iters Newton steps.
     No clamping or temperature: the result is the projection of the given logits. Differentiable
-    (implicit differentiation at the solution, exact for the converged projection).
+    (implicit differentiation at the solution, exact for the converged projection). ``kernel``: "auto" runs
+    compiled loops (numba) on CPU and torch ops elsewhere; "numba" or "torch" force one.
     """
+    if kernel not in KERNELS:
+        raise MHCError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if logits.shape[-1] != logits.shape[-2] or logits.dim() < 2:
         raise ValueError(f"sinkhorn_knopp expects square matrices [..., n, n], got shape {tuple(logits.shape)}")
     if not torch.is_floating_point(logits):
         raise ValueError(f"sinkhorn_knopp expects floating-point logits, got {logits.dtype}")
     if logits.numel() == 0:
         return logits.clone()
-    return _SinkhornKnopp.apply(logits, n_iters, tol, newton_iters)
+    compiled = _use_fused(kernel, logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
+    return _SinkhornKnopp.apply(logits, n_iters, tol, newton_iters, compiled)
 
 
 # ------------------------------------------------------------------------------------------- fused branch read

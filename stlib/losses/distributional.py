@@ -55,3 +55,15 @@ def set_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, blur: float = 
     if kind == "mse" and pred.shape != target.shape:
         raise ValueError(f"mse compares matched cells: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     return fn(pred, target, blur)
+
+
+def set_mean_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target [B, S, D] -> per-set mean over D of (mean over cells of pred - of target)^2, [B].
+
+    The squared error of the set's mean, i.e. of the predicted mean shift from the same controls: what the
+    evaluation's gene correlation and direction cosine read. Sets may differ in size (S_pred != S_target).
+    """
+    if pred.dim() != 3 or target.dim() != 3 or pred.shape[0] != target.shape[0] or pred.shape[2] != target.shape[2]:
+        raise ValueError(f"set_mean_loss expects pred and target [B, S, D] with the same B and D; "
+                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+    return (pred.mean(dim=1) - target.mean(dim=1)).pow(2).mean(dim=-1)

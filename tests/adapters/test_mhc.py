@@ -61,37 +61,41 @@ def toy_pair(seed: int = 0, n_streams: int = 4):
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
-def test_sinkhorn_doubly_stochastic_at_large_logit_scales(scale):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_doubly_stochastic_at_large_logit_scales(scale, kernel):
     """The paper's 20-sweep iteration leaves column errors of 0.5 at scale 10; ours must reach 1e-4 up to 50."""
     torch.manual_seed(int(scale))
-    p = sinkhorn_knopp(torch.randn(3000, 4, 4) * scale, n_iters=20)
+    p = sinkhorn_knopp(torch.randn(3000, 4, 4) * scale, n_iters=20, kernel=kernel)
     assert torch.isfinite(p).all()
     assert (p >= 0).all()
     assert ds_error(p) <= 1e-4
 
 
-def test_sinkhorn_other_sizes_and_leading_dims():
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_other_sizes_and_leading_dims(kernel):
     torch.manual_seed(1)
-    p = sinkhorn_knopp(torch.randn(2, 5, 3, 3) * 5)
+    p = sinkhorn_knopp(torch.randn(2, 5, 3, 3) * 5, kernel=kernel)
     assert p.shape == (2, 5, 3, 3)
     assert ds_error(p) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-9), (torch.bfloat16, 2e-2)])
-def test_sinkhorn_dtype_in_equals_dtype_out(dtype, tol):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_dtype_in_equals_dtype_out(dtype, tol, kernel):
     torch.manual_seed(2)
     logits = (torch.randn(256, 4, 4) * 3).to(dtype)
-    p = sinkhorn_knopp(logits, tol=1e-10)
+    p = sinkhorn_knopp(logits, tol=1e-10, kernel=kernel)
     assert p.dtype == dtype
     assert ds_error(p) <= tol  # the projection is float64 inside; only the final cast rounds
 
 
-def test_sinkhorn_gradient_matches_unrolled_log_domain_iteration():
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_gradient_matches_unrolled_log_domain_iteration(kernel):
     """Implicit backward == autograd through a long (converged) log-domain Sinkhorn, in float64."""
     torch.manual_seed(3)
     logits = (torch.randn(32, 4, 4, dtype=torch.float64) * 1.5).requires_grad_()
     weight = torch.randn(32, 4, 4, dtype=torch.float64)
-    (ours,) = torch.autograd.grad((sinkhorn_knopp(logits, n_iters=500, tol=1e-13) * weight).sum(), logits)
+    (ours,) = torch.autograd.grad((sinkhorn_knopp(logits, n_iters=500, tol=1e-13, kernel=kernel) * weight).sum(), logits)
     f = torch.zeros(32, 4, dtype=torch.float64)
     g = torch.zeros(32, 4, dtype=torch.float64)
     for _ in range(500):
@@ -103,22 +107,24 @@ def test_sinkhorn_gradient_matches_unrolled_log_domain_iteration():
 
 
 @pytest.mark.parametrize("scale", [1.0, 50.0])
-def test_sinkhorn_gradient_finite_and_flows(scale):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_gradient_finite_and_flows(scale, kernel):
     torch.manual_seed(4)
     logits = (torch.randn(500, 4, 4) * scale).requires_grad_()
-    p = sinkhorn_knopp(logits)
+    p = sinkhorn_knopp(logits, kernel=kernel)
     p[..., 0, :].square().sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert logits.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 4), (6, 4, 4)])
-def test_sinkhorn_leaves_its_input_alone(shape):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_leaves_its_input_alone(shape, kernel):
     """The projection works in place on a float64 batch-last copy; a float64 input must not be that copy."""
     torch.manual_seed(11)
     logits = torch.randn(*shape, dtype=torch.float64) * 3
     before = logits.clone()
-    sinkhorn_knopp(logits)
+    sinkhorn_knopp(logits, kernel=kernel)
     assert torch.equal(logits, before)
 
 
@@ -223,7 +229,7 @@ def test_numba_projection_matches_torch_projection(scale):
     logits = torch.randn(300, 4, 4, dtype=torch.float64) * scale
     ours = torch.from_numpy(mhc_kernels.project(logits.numpy(), 20, 1e-9, 30))
     assert ds_error(ours) < 1e-8
-    torch.testing.assert_close(ours, sinkhorn_knopp(logits, tol=1e-9), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, sinkhorn_knopp(logits, tol=1e-9, kernel="torch"), atol=1e-6, rtol=0)
 
 
 def test_kernel_choice_is_checked():

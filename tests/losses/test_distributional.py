@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stlib.config import LOSSES, ModelConfig
-from stlib.losses.distributional import SET_LOSSES, set_loss
+from stlib.losses.distributional import SET_LOSSES, set_loss, set_mean_loss
 from stlib.models.state_transition import StateTransitionModel
 
 
@@ -84,3 +84,35 @@ def test_energy_loss_fits_a_tiny_model():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_set_mean_loss_reads_only_the_set_means():
+    """Zero for different cells with the same mean; the squared mean gap per dim for a translated set; per set."""
+    torch.manual_seed(0)
+    target = torch.randn(3, 10, 4)
+    shuffled = target[:, torch.randperm(10)] * 1.0
+    spread = target - target.mean(1, keepdim=True)
+    reshaped = target.mean(1, keepdim=True) + 3.0 * spread  # 3x the spread, same mean
+    assert torch.allclose(set_mean_loss(shuffled, target), torch.zeros(3), atol=1e-12)
+    assert torch.allclose(set_mean_loss(reshaped, target), torch.zeros(3), atol=1e-10)
+    shift = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0]])
+    loss = set_mean_loss(target[:, :7] + shift[:, None], target[:, :7])
+    assert torch.allclose(loss, torch.tensor([0.0, 0.25, 2.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="same B and D"):
+        set_mean_loss(target, target[..., :3])
+
+
+def test_set_mean_weight_adds_a_logged_component():
+    from stlib.config import Config, ConfigError
+    from stlib.train.module import STLightningModule
+
+    cfg = Config()
+    cfg.model.set_mean_weight = 2.0
+    module = STLightningModule(torch.nn.Identity(), cfg)
+    target = torch.randn(2, 8, 5)
+    pred = target + 0.5
+    losses = module.compute_losses({"target": target}, {"pred": pred}, step=0)
+    assert losses["set_mean_loss"] == pytest.approx(0.25, rel=1e-5)
+    assert losses["loss"] == pytest.approx(float(losses["energy"] + 2.0 * losses["set_mean_loss"]), rel=1e-5)
+    with pytest.raises(ConfigError, match="model.set_mean_weight"):
+        ModelConfig(set_mean_weight=-1.0)

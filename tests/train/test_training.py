@@ -184,7 +184,7 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
 
 
 FINETUNE_CHOICES = {"blur", "cell_set_len", "decoder_loss_weight", "dropout", "init_from", "lora", "loss", "mhc",
-                    "time_encoder",
+                    "set_mean_weight", "time_encoder",
                     "use_mhc", "use_velocity_alignment", "velocity_beta", "velocity_lambda", "velocity_warmup_steps"}
 
 
