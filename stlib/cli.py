@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics for prediction files -> CSV (baselines included)")
     p.add_argument("--predictions", nargs="+", required=True, help="<model>_pred.h5ad files (real file beside)")
-    p.add_argument("--out", default="results/metrics_summary.csv")
+    p.add_argument("--out", default="results/metrics_summary.csv",
+                   help="summary CSV path (per-cell-type table beside it) or a folder for both")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("scripts", help="write train_scripts/train_<variant>.sh")

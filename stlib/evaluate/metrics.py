@@ -323,15 +323,19 @@ def evaluate_files(
 
 
 def write_metrics(summary_df: pd.DataFrame, per_celltype_df: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics_summary.csv`` and ``metrics_per_celltype.csv`` into folder ``out``.
+    """Write the summary and the per-cell-type table; returns both paths.
 
-    A path ending in ``.csv`` means its folder. Returns both paths.
+    ``out`` a folder: ``metrics_summary.csv`` and ``metrics_per_celltype.csv`` in it. ``out`` a ``.csv`` file:
+    the summary goes exactly there and the per-cell-type table beside it, as ``<name>_per_celltype.csv``
+    (``metrics_per_celltype.csv`` beside the default name ``metrics_summary.csv``).
     """
-    folder = Path(out)
-    if folder.suffix == ".csv":
-        folder = folder.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "metrics_summary.csv", folder / "metrics_per_celltype.csv"
+    out = Path(out)
+    if out.suffix == ".csv":
+        name = "metrics_per_celltype.csv" if out.name == "metrics_summary.csv" else f"{out.stem}_per_celltype.csv"
+        paths = out, out.parent / name
+    else:
+        paths = out / "metrics_summary.csv", out / "metrics_per_celltype.csv"
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     summary_df.to_csv(paths[0], index=False)
     per_celltype_df.to_csv(paths[1], index=False)
     return paths

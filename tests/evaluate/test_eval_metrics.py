@@ -152,6 +152,12 @@ def test_evaluate_files_adds_baselines_and_writes_csvs(make_pair, tmp_path):
     paths = write_metrics(summary, per_ct, tmp_path / "out")
     assert [p.name for p in paths] == ["metrics_summary.csv", "metrics_per_celltype.csv"]
     assert pd.read_csv(paths[0]).shape == summary.shape
+    # a file name is where the summary goes; its per-cell-type table lands beside it
+    named = write_metrics(summary, per_ct, tmp_path / "study" / "lora_run.csv")
+    assert named == (tmp_path / "study" / "lora_run.csv", tmp_path / "study" / "lora_run_per_celltype.csv")
+    assert pd.read_csv(named[1]).shape == per_ct.shape
+    default = write_metrics(summary, per_ct, tmp_path / "res" / "metrics_summary.csv")
+    assert [p.name for p in default] == ["metrics_summary.csv", "metrics_per_celltype.csv"]
 
 
 def test_evaluate_files_names_the_missing_real_file(make_pair, tmp_path):
