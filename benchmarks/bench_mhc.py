@@ -40,6 +40,19 @@ Printed tables, not a test:
 # calls per 10 steps: per-op overhead, not arithmetic, is most of the remaining ~55 ms over plain.
 # What is left is memory traffic: every stream op reads/writes [N, K, D] (1 MB here) and the branch read/write cost
 # ~20 such passes per branch fwd+bwd (2 MB L2 per core, shared L3); the paper's 6.7 % needs fused kernels.
+# 2026-11-29: fused CPU kernels (numba, stlib/adapters/mhc_kernels.py), same machine, x = CPU median / plain:
+#   change                                  predicted                     measured
+#   per-token loops for the branch read     one pass per token instead of  init 1.52 -> 1.66x, trained 1.69 -> 1.76x
+#     and its backward (scalar loops)       ~20 tensor passes              (slower: loops over K innermost, no SIMD)
+#   loops over D innermost, reassociating   SIMD over D                    fwd kernel 1.21 -> 0.58 ms, bwd 1.71 -> 0.47
+#     dot products (fastmath reassoc)                                      ms; init 1.36x, trained 1.44x
+#   stream write X <- mixed + H_post y and  3-4 tensor passes -> 1         write bwd 0.04 ms; init 1.33x, trained 1.42x
+#     its backward as one loop each
+#   Sinkhorn sweeps vectorised across the   ~80 scalar flops per matrix    projection of 512 trained-state matrices
+#     512 matrices (batch-last scratch)     per sweep -> SIMD over N       0.33 -> 0.30 ms (exp prologue ~0.1 ms)
+#   make bench (2026-11-29 18:02): init 1.33x, trained 1.38x plain; torch-ops path 1.62x; lucidrains 4.35x (3.16x
+#   slower than ours). In situ the kernels run ~1.5x slower than in a hot-cache loop: the stream tensors come from
+#   L3, not L2, after each branch.
 
 from __future__ import annotations
 

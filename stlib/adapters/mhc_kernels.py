@@ -49,6 +49,11 @@ def _dot(a, b):
 def _mix_row(w, x, out):
     """out [D] <- sum_s w[s] x[s] for x [K, D]: loops over D innermost, so they vectorise."""
     dim = x.shape[1]
+    if x.shape[0] == 4:  # the common case, one pass
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        for e in range(dim):
+            out[e] = w0 * x[0, e] + w1 * x[1, e] + w2 * x[2, e] + w3 * x[3, e]
+        return
     w0 = w[0]
     for e in range(dim):
         out[e] = w0 * x[0, e]
@@ -377,20 +382,12 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
     g_res = np.empty((k, k))
     h, q_rows, b = np.empty((k, k)), np.empty(k), np.empty(k)
     for n in range(count):
-        xn, pn, gm = x[n], p[n], g_mixed[n]
-        # g_a[0, s] = <g_inp, x_s>, g_a[1 + i, s] = <g_mixed_i, x_s>; g_x_s = gates_s g_inp + sum_i p_is g_mixed_i
+        xn, pn, gm, gi = x[n], p[n], g_mixed[n], g_inp[n]
+        # g_a[0, s] = <g_inp, x_s>, g_a[1 + i, s] = <g_mixed_i, x_s>
         for s in range(k):
-            g_a[0, s] = _dot(g_inp[n], xn[s])
+            g_a[0, s] = _dot(gi, xn[s])
             for i in range(k):
                 g_a[1 + i, s] = _dot(gm[i], xn[s])
-            out = g_x[n, s]
-            w = gates[n, s]
-            for e in range(dim):
-                out[e] = w * g_inp[n, e]
-            for i in range(k):
-                w = pn[i, s]
-                for e in range(dim):
-                    out[e] += w * gm[i, e]
         for i in range(k):
             for s in range(k):
                 g_res_in[i, s] = g_a[1 + i, s]
@@ -409,25 +406,35 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
             g_t[n, j] = gu * rn
             dot += gu * t[n, j]
         scale = -dot * rn * rn * rn / (k * dim)  # r = (|x|^2 / KD + eps)^(-1/2): dr/dx = -r^3 x / KD
+        # g_x_s = gates_s g_inp + sum_i p_is g_mixed_i + scale x_s, written in one pass per stream
         for s in range(k):
             out, xs = g_x[n, s], xn[s]
-            for e in range(dim):
-                out[e] += scale * xs[e]
+            w = gates[n, s]
+            if k == 4:  # the common case, one pass
+                w0, w1, w2, w3 = pn[0, s], pn[1, s], pn[2, s], pn[3, s]
+                for e in range(dim):
+                    out[e] = (w * gi[e] + w0 * gm[0, e] + w1 * gm[1, e] + w2 * gm[2, e] + w3 * gm[3, e]
+                              + scale * xs[e])
+            else:
+                for e in range(dim):
+                    out[e] = w * gi[e] + scale * xs[e]
+                for i in range(k):
+                    wi = pn[i, s]
+                    for e in range(dim):
+                        out[e] += wi * gm[i, e]
     return g_x, g_c, g_t
 
 
 @_jit
 def stream_write(mixed, post, y):
-    """x = mixed + post[..., None] * y: mixed [N, K, D], post [N, K], y [N, D] -> [N, K, D] in one pass."""
+    """mixed += post[..., None] * y, in place: mixed [N, K, D], post [N, K], y [N, D]; one pass, no new buffer."""
     count, k, dim = mixed.shape
-    out = np.empty_like(mixed)
     for n in range(count):
         yn = y[n]
         for s in range(k):
-            w, src, dst = post[n, s], mixed[n, s], out[n, s]
+            w, dst = post[n, s], mixed[n, s]
             for e in range(dim):
-                dst[e] = src[e] + w * yn[e]
-    return out
+                dst[e] += w * yn[e]
 
 
 @_jit
