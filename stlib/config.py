@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 OUTPUT_SPACES = ("embedding", "gene", "all")
 LOSSES = ("energy", "sinkhorn", "mse")
+MHC_KERNELS = ("auto", "numba", "torch")  # as stlib.adapters.mhc.KERNELS (that module does not import config)
 RESIDUAL_SPACES = ("input", "hidden")
 SMALL_GROUP_POLICIES = ("replace", "error")
 
@@ -84,8 +85,7 @@ class MHCConfig:
     kernel: str = "auto"  # per-token stream work: auto = compiled numba loops on CPU, torch ops elsewhere; numba | torch
 
     def __post_init__(self):
-        if self.kernel not in ("auto", "numba", "torch"):
-            raise ConfigError(f"model.mhc.kernel must be one of auto, numba, torch; got {self.kernel!r}")
+        _check_choice("model.mhc.kernel", self.kernel, MHC_KERNELS)
         if self.n_streams < 1:
             raise ConfigError(f"model.mhc.n_streams must be >= 1, got {self.n_streams}")
         if self.sinkhorn_iters < 1:

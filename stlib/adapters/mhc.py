@@ -233,15 +233,14 @@ def sinkhorn_knopp(
     (implicit differentiation at the solution, exact for the converged projection). ``kernel``: "auto" runs
     compiled loops (numba) on CPU and torch ops elsewhere; "numba" or "torch" force one.
     """
-    if kernel not in KERNELS:
-        raise MHCError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_kernel(kernel)
     if logits.shape[-1] != logits.shape[-2] or logits.dim() < 2:
         raise ValueError(f"sinkhorn_knopp expects square matrices [..., n, n], got shape {tuple(logits.shape)}")
     if not torch.is_floating_point(logits):
         raise ValueError(f"sinkhorn_knopp expects floating-point logits, got {logits.dtype}")
     if logits.numel() == 0:
         return logits.clone()
-    compiled = _use_fused(kernel, logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
+    compiled = _use_fused(kernel, logits.device, torch.float64)  # the projection runs in float64 for any input
     return _SinkhornKnopp.apply(logits, n_iters, tol, newton_iters, compiled)
 
 
@@ -366,12 +365,17 @@ class _StreamWriteFused(torch.autograd.Function):
         return g, torch.from_numpy(g_post), torch.from_numpy(g_y)
 
 
-def _use_fused(kernel: str, x: torch.Tensor) -> bool:
-    """The numba kernels run on CPU float32/float64 tensors; "auto" picks them there, torch elsewhere."""
-    fits = mhc_kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise MHCError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _use_fused(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """The numba kernels run on CPU float32/float64 data; "auto" picks them there, torch elsewhere."""
+    fits = mhc_kernels.AVAILABLE and device.type == "cpu" and dtype in (torch.float32, torch.float64)
     if kernel == "numba" and not fits:
-        raise MHCError(f"mHC kernel 'numba' needs numba and a CPU float32/float64 tensor; got {x.dtype} on "
-                       f"{x.device.type}{'' if mhc_kernels.AVAILABLE else ' (numba is not installed)'}")
+        raise MHCError(f"mHC kernel 'numba' needs numba and a CPU float32/float64 tensor; got {dtype} on "
+                       f"{device.type}{'' if mhc_kernels.AVAILABLE else ' (numba is not installed)'}")
     return fits and kernel != "torch"
 
 
@@ -400,8 +404,7 @@ class ManifoldHyperConnections(nn.Module):
         super().__init__()
         if n_streams < 1 or n_branches < 1 or dim < 1:
             raise MHCError(f"need dim, n_branches, n_streams >= 1; got {dim}, {n_branches}, {n_streams}")
-        if kernel not in KERNELS:
-            raise MHCError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        _check_kernel(kernel)
         if not 0 < pre_primary_weight < 1:
             raise MHCError(f"pre_primary_weight must be in (0, 1), got {pre_primary_weight}")
         k = n_streams
@@ -457,7 +460,7 @@ class ManifoldHyperConnections(nn.Module):
         x = h.reshape(n, 1, d).expand(n, k, d).contiguous()  # [N, K, D]: K identical copies
         self._last_res = []
         args = (self.group, self.sinkhorn_iters, self.sinkhorn_tol, NEWTON_ITERS, self.eps)
-        fused = _use_fused(self.kernel, x)
+        fused = _use_fused(self.kernel, x.device, x.dtype)
         read = _BranchReadFused if fused else _BranchRead
         for index, branch in enumerate(branches):
             inp, mixed, post, res = read.apply(x, self.phi[index], self.bias[index], self.alpha[index], *args)

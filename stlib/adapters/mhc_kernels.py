@@ -112,25 +112,18 @@ def _col_error(m):
 
 
 @_jit
-def _normalise_rows(m):
+def _normalise(m, rows):
+    """Divide each row (rows=True) or column of m [n, n] by its sum, in place."""
     n = m.shape[0]
-    for i in range(n):
+    for a in range(n):
         s = 0.0
-        for j in range(n):
-            s += m[i, j]
-        for j in range(n):
-            m[i, j] /= s
-
-
-@_jit
-def _normalise_cols(m):
-    n = m.shape[0]
-    for j in range(n):
-        s = 0.0
-        for i in range(n):
-            s += m[i, j]
-        for i in range(n):
-            m[i, j] /= s
+        for b in range(n):
+            s += m[a, b] if rows else m[b, a]
+        for b in range(n):
+            if rows:
+                m[a, b] /= s
+            else:
+                m[b, a] /= s
 
 
 @_jit
@@ -187,35 +180,9 @@ def _newton(m, n_iters, tol, h, d, trial, best, ed):
         for i in range(n):
             for j in range(n):
                 m[i, j] *= ed[j]
-        _normalise_rows(m)
-        _normalise_cols(m)
-        _normalise_rows(m)
-
-
-@_jit
-def _project_one(logits, m, n_iters, tol, newton_iters, h, d, trial, best, ed):
-    """Sinkhorn-Knopp of exp(logits) [n, n] into m (row-stochastic, columns within tol), as mhc._project."""
-    n = m.shape[0]
-    for i in range(n):  # rows, then columns, shifted to max 0: every row and column holds an exact 1 after exp
-        top = logits[i, 0]
-        for j in range(1, n):
-            top = max(top, logits[i, j])
-        for j in range(n):
-            m[i, j] = logits[i, j] - top
-    for j in range(n):
-        top = m[0, j]
-        for i in range(1, n):
-            top = max(top, m[i, j])
-        for i in range(n):
-            m[i, j] = math.exp(m[i, j] - top)
-    _normalise_rows(m)
-    for _ in range(n_iters):
-        if _col_error(m) < tol:
-            return
-        _normalise_cols(m)
-        _normalise_rows(m)
-    if newton_iters > 0 and _col_error(m) >= tol:
-        _newton(m, newton_iters, tol, h, d, trial, best, ed)
+        _normalise(m, True)
+        _normalise(m, False)
+        _normalise(m, True)
 
 
 @_jit
@@ -282,7 +249,7 @@ def _project_many(logits, out, n_iters, tol, newton_iters):
         for i in range(n):
             for j in range(n):
                 one[i, j] = m[i, j, t]
-        _normalise_rows(one)
+        _normalise(one, True)
         if newton_iters > 0 and _col_error(one) >= tol:
             _newton(one, newton_iters, tol, h, d, trial, best, ed)
         for i in range(n):

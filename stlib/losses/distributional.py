@@ -43,15 +43,19 @@ SET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
 }
 
 
+def _check_sets(caller: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.dim() != 3 or target.dim() != 3 or pred.shape[0] != target.shape[0] or pred.shape[2] != target.shape[2]:
+        raise ValueError(f"{caller} expects pred and target [B, S, D] with the same B and D; "
+                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+
+
 def set_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, blur: float = 0.05) -> torch.Tensor:
     """pred, target [B, S, D] -> per-set loss [B]. kind: energy | sinkhorn | mse."""
     try:
         fn = SET_LOSSES[kind]
     except KeyError:
         raise ValueError(f"unknown set loss {kind!r}; expected one of {', '.join(SET_LOSSES)}") from None
-    if pred.dim() != 3 or target.dim() != 3 or pred.shape[0] != target.shape[0] or pred.shape[2] != target.shape[2]:
-        raise ValueError(f"set_loss expects pred and target [B, S, D] with the same B and D; "
-                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+    _check_sets("set_loss", pred, target)
     if kind == "mse" and pred.shape != target.shape:
         raise ValueError(f"mse compares matched cells: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     return fn(pred, target, blur)
@@ -63,7 +67,5 @@ def set_mean_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     The squared error of the set's mean, i.e. of the predicted mean shift from the same controls: what the
     evaluation's gene correlation and direction cosine read. Sets may differ in size (S_pred != S_target).
     """
-    if pred.dim() != 3 or target.dim() != 3 or pred.shape[0] != target.shape[0] or pred.shape[2] != target.shape[2]:
-        raise ValueError(f"set_mean_loss expects pred and target [B, S, D] with the same B and D; "
-                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+    _check_sets("set_mean_loss", pred, target)
     return (pred.mean(dim=1) - target.mean(dim=1)).pow(2).mean(dim=-1)
