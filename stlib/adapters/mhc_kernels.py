@@ -33,7 +33,7 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
 def _jit(fn):
-    return numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)(fn) if AVAILABLE else fn
+    return numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")(fn) if AVAILABLE else fn
 
 
 @_jit
@@ -186,103 +186,213 @@ def _newton(m, n_iters, tol, h, d, trial, best, ed):
 
 
 @_jit
-def _project_backward_one(p, g, out, h, q_rows, b):
-    """Implicit-differentiation gradient of the logits for one matrix (as mhc._project_backward) into out."""
-    n = p.shape[0]
+def _project_backward_many(p, g, out, h, q_rows, b):
+    """Implicit-differentiation gradient of the logits for p, upstream g [n, n, T] (batch-last) into out [n, n, T].
+
+    As mhc._project_backward: q = P*G, solve (diag(c) - P^T P + 11^T/n) b = (P*G)^T 1 - P^T (P*G) 1, a = (P*G) 1
+    - P b, dL = P * (G - a 1^T - 1 b^T). T innermost everywhere, so the small per-matrix algebra vectorises.
+    Scratch: h [n, n, T], q_rows [n, T], b [n, T].
+    """
+    n, count = p.shape[0], p.shape[2]
     for i in range(n):
-        s = 0.0
+        qi = q_rows[i]
+        for t in range(count):
+            qi[t] = 0.0
         for j in range(n):
-            s += p[i, j] * g[i, j]
-        q_rows[i] = s
+            pij, gij = p[i, j], g[i, j]
+            for t in range(count):
+                qi[t] += pij[t] * gij[t]
     for j in range(n):
-        s = 0.0
+        bj = b[j]
+        for t in range(count):
+            bj[t] = 0.0
         for i in range(n):
-            s += p[i, j] * g[i, j] - p[i, j] * q_rows[i]
-        b[j] = s
-    _laplacian(p, h)
-    _solve_spd(h, b)
+            pij, gij, qi = p[i, j], g[i, j], q_rows[i]
+            for t in range(count):
+                bj[t] += pij[t] * (gij[t] - qi[t])
+    _laplacian_many(p, h)
+    _solve_spd_many(h, b)
     for i in range(n):
-        a = q_rows[i]
+        qi = q_rows[i]  # becomes a_i = q_rows_i - sum_j p_ij b_j
         for j in range(n):
-            a -= p[i, j] * b[j]
+            pij, bj = p[i, j], b[j]
+            for t in range(count):
+                qi[t] -= pij[t] * bj[t]
         for j in range(n):
-            out[i, j] = p[i, j] * (g[i, j] - a - b[j])
+            pij, gij, bj, oij = p[i, j], g[i, j], b[j], out[i, j]
+            for t in range(count):
+                oij[t] = pij[t] * (gij[t] - qi[t] - bj[t])
 
 
 @_jit
-def _project_many(logits, out, n_iters, tol, newton_iters):
-    """Logits [N, n, n] -> out [N, n, n] doubly stochastic; the sweeps run over all N matrices at once.
-
-    Sweeps are vectorised across matrices (batch-last scratch [n, n, N]): per matrix they are only ~80
-    scalar flops, too few to vectorise within one. Sinkhorn stops when every matrix is within tol;
-    the ones still above it after n_iters sweeps get per-matrix Newton polishing (_newton).
-    """
-    count, n = logits.shape[0], logits.shape[1]
-    m = np.empty((n, n, count))
-    sums = np.empty(count)
-    for t in range(count):  # rows, then columns, shifted to max 0: each holds an exact 1 after exp
-        for i in range(n):
-            top = logits[t, i, 0]
-            for j in range(1, n):
-                top = max(top, logits[t, i, j])
-            for j in range(n):
-                m[i, j, t] = logits[t, i, j] - top
-        for j in range(n):
-            top = m[0, j, t]
-            for i in range(1, n):
-                top = max(top, m[i, j, t])
+def _laplacian_many(p, h):
+    """h[:, :, t] <- 11^T/n - P^T P + diag(column sums of P) + ridge for row-stochastic p [n, n, T]."""
+    n, count = p.shape[0], p.shape[2]
+    for j in range(n):
+        for l in range(n):
+            hjl = h[j, l]
+            for t in range(count):
+                hjl[t] = 1.0 / n
             for i in range(n):
-                m[i, j, t] = math.exp(m[i, j, t] - top)
-    for i in range(n):
-        _normalise_many(m, i, True, sums)
-    for _ in range(n_iters):
-        err = 0.0
+                pij, pil = p[i, j], p[i, l]
+                for t in range(count):
+                    hjl[t] -= pij[t] * pil[t]
+        hjj = h[j, j]
+        for t in range(count):
+            hjj[t] += _RIDGE
+        for i in range(n):
+            pij = p[i, j]
+            for t in range(count):
+                hjj[t] += pij[t]
+
+
+@_jit
+def _solve_spd_many(h, b):
+    """h [n, n, T] SPD (overwritten), b [n, T] (overwritten) -> h^-1 b per t, Gauss-Jordan without pivoting."""
+    n, count = h.shape[0], h.shape[2]
+    for k in range(n):
+        hkk, bk = h[k, k], b[k]
+        for t in range(count):
+            hkk[t] = 1.0 / hkk[t]
         for j in range(n):
-            err = max(err, _normalise_many(m, j, False, sums))
-        if err < tol:  # measured before this column step: the matrices were already within tol
+            if j != k:
+                hkj = h[k, j]
+                for t in range(count):
+                    hkj[t] *= hkk[t]
+        for t in range(count):
+            bk[t] *= hkk[t]
+        for i in range(n):
+            if i != k:
+                hik, bi = h[i, k], b[i]
+                for j in range(n):
+                    if j != k:
+                        hij, hkj = h[i, j], h[k, j]
+                        for t in range(count):
+                            hij[t] -= hik[t] * hkj[t]
+                for t in range(count):
+                    bi[t] -= hik[t] * bk[t]
+
+
+@_jit
+def _project_many(m, out, n_iters, tol, newton_iters):
+    """Logits m [n, n, N] (batch-last, overwritten) -> out [N, n, n] doubly stochastic.
+
+    Every step runs over all N matrices at once with N innermost (contiguous, so it vectorises): per matrix a
+    sweep is only ~80 scalar flops, too few to vectorise within one. Sinkhorn stops when every matrix is
+    within tol; the ones still above it after n_iters sweeps get per-matrix Newton polishing (_newton).
+    """
+    n, count = m.shape[0], m.shape[2]
+    sums = np.empty(count)
+    for i in range(n):  # rows, then columns, shifted to max 0: each then holds an exact 1 after exp
+        _shift_to_zero(m, i, True, sums)
+    for j in range(n):
+        _shift_to_zero(m, j, False, sums)
+    for i in range(n):
+        for j in range(n):
+            mij = m[i, j]
+            for t in range(count):
+                mij[t] = math.exp(mij[t])
+    for i in range(n):
+        _normalise_many(m, i, True, sums, tol)
+    for _ in range(n_iters):
+        off = 0
+        for j in range(n):
+            off += _normalise_many(m, j, False, sums, tol)
+        if off == 0:  # measured before this column step: the matrices were already within tol
             break
         for i in range(n):
-            _normalise_many(m, i, True, sums)
-    h, d, trial, best, ed = np.empty((n, n)), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
-    one = np.empty((n, n))
-    for t in range(count):
+            _normalise_many(m, i, True, sums, tol)
+    for i in range(n):  # rows exact; then only matrices whose columns are still off need Newton
+        _normalise_many(m, i, True, sums, tol)
+    col_err = np.zeros(count)
+    for j in range(n):
+        for t in range(count):
+            sums[t] = 0.0
         for i in range(n):
-            for j in range(n):
-                one[i, j] = m[i, j, t]
-        _normalise(one, True)
-        if newton_iters > 0 and _col_error(one) >= tol:
-            _newton(one, newton_iters, tol, h, d, trial, best, ed)
-        for i in range(n):
-            for j in range(n):
-                out[t, i, j] = one[i, j]
+            src = m[i, j]
+            for t in range(count):
+                sums[t] += src[t]
+        for t in range(count):
+            col_err[t] = max(col_err[t], abs(sums[t] - 1.0))
+    for i in range(n):
+        for j in range(n):
+            src = m[i, j]
+            for t in range(count):
+                out[t, i, j] = src[t]
+    if newton_iters > 0:
+        h, d, trial, best, ed = np.empty((n, n)), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+        for t in range(count):
+            if col_err[t] >= tol:
+                _newton(out[t], newton_iters, tol, h, d, trial, best, ed)
 
 
 @_jit
-def _normalise_many(m, index, row, sums):
-    """Normalise row (or column) `index` of every matrix in m [n, n, N]; returns the largest |sum - 1| before."""
+def _shift_to_zero(m, index, row, top):
+    """Subtract the max of row (or column) `index` of every matrix in m [n, n, N] from it; top: scratch [N]."""
     n, count = m.shape[0], m.shape[2]
+    first = m[index, 0] if row else m[0, index]
+    for t in range(count):
+        top[t] = first[t]
+    for a in range(1, n):
+        src = m[index, a] if row else m[a, index]
+        for t in range(count):
+            top[t] = max(top[t], src[t])
+    for a in range(n):
+        dst = m[index, a] if row else m[a, index]
+        for t in range(count):
+            dst[t] -= top[t]
+
+
+@_jit
+def _normalise4(v0, v1, v2, v3, tol):
+    """v_a <- v_a / (v0 + v1 + v2 + v3) elementwise, in one pass; returns how many sums were off by >= tol."""
+    off = 0
+    for t in range(v0.shape[0]):
+        total = v0[t] + v1[t] + v2[t] + v3[t]
+        off += abs(total - 1.0) >= tol
+        inv = 1.0 / total
+        v0[t] *= inv
+        v1[t] *= inv
+        v2[t] *= inv
+        v3[t] *= inv
+    return off
+
+
+@_jit
+def _normalise_many(m, index, row, sums, tol):
+    """Normalise row (or column) `index` of every matrix in m [n, n, N]; returns how many sums were off by >= tol.
+
+    A count, not the max error: an integer sum vectorises where a float max reduction (without nnan) does not.
+    n = 4 (mHC's usual stream count) runs as one pass over the four vectors.
+    """
+    n, count = m.shape[0], m.shape[2]
+    if n == 4:
+        if row:
+            return _normalise4(m[index, 0], m[index, 1], m[index, 2], m[index, 3], tol)
+        return _normalise4(m[0, index], m[1, index], m[2, index], m[3, index], tol)
+    off = 0
     for t in range(count):
         sums[t] = 0.0
     for a in range(n):
         src = m[index, a] if row else m[a, index]
         for t in range(count):
             sums[t] += src[t]
-    err = 0.0
     for t in range(count):
-        err = max(err, abs(sums[t] - 1.0))
+        off += abs(sums[t] - 1.0) >= tol
+    for t in range(count):
         sums[t] = 1.0 / sums[t]
     for a in range(n):
         dst = m[index, a] if row else m[a, index]
         for t in range(count):
             dst[t] *= sums[t]
-    return err
+    return off
 
 
 @_jit
 def project(logits, n_iters, tol, newton_iters):
     """Logits [N, n, n] float64 -> doubly-stochastic [N, n, n] float64 (rows exact, columns within tol)."""
     out = np.empty_like(logits)
-    _project_many(logits, out, n_iters, tol, newton_iters)
+    _project_many(logits.transpose(1, 2, 0).copy(), out, n_iters, tol, newton_iters)  # a copy: m is overwritten
     return out
 
 
@@ -290,11 +400,10 @@ def project(logits, n_iters, tol, newton_iters):
 def project_backward(p, g):
     """p, upstream g [N, n, n] float64 -> gradient of the logits [N, n, n]."""
     count, n = p.shape[0], p.shape[1]
-    out = np.empty_like(p)
-    h, q_rows, b = np.empty((n, n)), np.empty(n), np.empty(n)
-    for t in range(count):
-        _project_backward_one(p[t], g[t], out[t], h, q_rows, b)
-    return out
+    out = np.empty((n, n, count))
+    _project_backward_many(p.transpose(1, 2, 0).copy(), g.transpose(1, 2, 0).copy(), out, np.empty((n, n, count)),
+                           np.empty((n, count)), np.empty((n, count)))
+    return out.transpose(2, 0, 1).copy()
 
 
 @_jit
@@ -310,7 +419,7 @@ def branch_read_forward(x, t, bias, gate, eps, n_iters, tol, newton_iters):
     gates = np.empty((count, 2 * k), dtype=x.dtype)
     p = np.empty((count, k, k))
     r = np.empty(count, dtype=x.dtype)
-    logits = np.empty((count, k, k))
+    logits = np.empty((k, k, count))  # batch-last, as _project_many wants
     for n in range(count):
         xn = x[n]
         sq = 0.0
@@ -323,14 +432,20 @@ def branch_read_forward(x, t, bias, gate, eps, n_iters, tol, newton_iters):
         for i in range(k):
             for j in range(k):
                 m = 2 * k + i * k + j
-                logits[n, i, j] = bias[m] + gate[m] * t[n, m] * rn
+                logits[i, j, n] = bias[m] + gate[m] * t[n, m] * rn
     _project_many(logits, p, n_iters, tol, newton_iters)
+    w = np.empty(k, dtype=x.dtype)  # weights in x's dtype: float64 weights would run the float32 mixing in float64
     for n in range(count):
         xn, pn = x[n], p[n]
         _mix_row(gates[n, :k], xn, inp[n])
         for i in range(k):
-            _mix_row(pn[i], xn, mixed[n, i])
+            for s in range(k):
+                w[s] = pn[i, s]
+            _mix_row(w, xn, mixed[n, i])
     return inp, mixed, gates, p, r
+
+
+_TILE = 64  # tokens per tile in the backward: a tile's streams and gradients (~300 KB) stay in L2 between passes
 
 
 @_jit
@@ -338,57 +453,72 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
     """Gradients of branch_read_forward's outputs -> g_x [N, K, D] (without the x phi term), g_c [N, M], g_t [N, M].
 
     The caller adds g_t phi^T to g_x and forms g_phi = flat^T g_t, g_bias = sum g_c, g_alpha from g_c * u.
+    Per tile of tokens: the dot products <g, x_s> per token, then the Sinkhorn backward for the whole tile
+    (vectorised across tokens), then g_x in one pass per stream while the tile is still in cache.
     """
     count, k, dim = x.shape
     m_coef = 2 * k + k * k
     g_x = np.empty_like(x)
     g_c = np.empty((count, m_coef), dtype=x.dtype)
     g_t = np.empty((count, m_coef), dtype=x.dtype)
-    g_a = np.empty((k + 1, k))
-    g_res_in = np.empty((k, k))
-    g_res = np.empty((k, k))
-    h, q_rows, b = np.empty((k, k)), np.empty(k), np.empty(k)
-    for n in range(count):
-        xn, pn, gm, gi = x[n], p[n], g_mixed[n], g_inp[n]
-        # g_a[0, s] = <g_inp, x_s>, g_a[1 + i, s] = <g_mixed_i, x_s>
-        for s in range(k):
-            g_a[0, s] = _dot(gi, xn[s])
-            for i in range(k):
-                g_a[1 + i, s] = _dot(gm[i], xn[s])
-        for i in range(k):
+    g_pre = np.empty((k, _TILE))  # <g_inp, x_s> per token of the tile
+    p_bl, g_bl, g_res = np.empty((k, k, _TILE)), np.empty((k, k, _TILE)), np.empty((k, k, _TILE))
+    h, q_rows, b = np.empty((k, k, _TILE)), np.empty((k, _TILE)), np.empty((k, _TILE))
+    w = np.empty(k + 2, dtype=x.dtype)  # per stream: gate, p[:, s], the rms term's scale
+    for start in range(0, count, _TILE):
+        size = min(_TILE, count - start)
+        # g_a[0, s] = <g_inp, x_s> and g_a[1 + i, s] = <g_mixed_i, x_s>, the latter batch-last for the solve
+        for u in range(size):
+            n = start + u
+            xn, gm, gi = x[n], g_mixed[n], g_inp[n]
             for s in range(k):
-                g_res_in[i, s] = g_a[1 + i, s]
-        _project_backward_one(pn, g_res_in, g_res, h, q_rows, b)
-        rn = r[n]
-        dot = 0.0  # sum_m g_u[m] t[m], for the gradient through r
-        for j in range(m_coef):
-            if j < k:
-                gc = g_a[0, j] * gates[n, j] * (1.0 - gates[n, j])
-            elif j < 2 * k:
-                gc = 2.0 * g_post[n, j - k] * gates[n, j] * (1.0 - gates[n, j])
-            else:
-                gc = g_res[(j - 2 * k) // k, (j - 2 * k) % k]
-            g_c[n, j] = gc
-            gu = gc * gate[j]
-            g_t[n, j] = gu * rn
-            dot += gu * t[n, j]
-        scale = -dot * rn * rn * rn / (k * dim)  # r = (|x|^2 / KD + eps)^(-1/2): dr/dx = -r^3 x / KD
-        # g_x_s = gates_s g_inp + sum_i p_is g_mixed_i + scale x_s, written in one pass per stream
-        for s in range(k):
-            out, xs = g_x[n, s], xn[s]
-            w = gates[n, s]
-            if k == 4:  # the common case, one pass
-                w0, w1, w2, w3 = pn[0, s], pn[1, s], pn[2, s], pn[3, s]
-                for e in range(dim):
-                    out[e] = (w * gi[e] + w0 * gm[0, e] + w1 * gm[1, e] + w2 * gm[2, e] + w3 * gm[3, e]
-                              + scale * xs[e])
-            else:
-                for e in range(dim):
-                    out[e] = w * gi[e] + scale * xs[e]
+                g_pre[s, u] = _dot(gi, xn[s])
                 for i in range(k):
-                    wi = pn[i, s]
+                    g_bl[i, s, u] = _dot(gm[i], xn[s])
+                    p_bl[i, s, u] = p[n, i, s]
+        if size < _TILE:  # pad the last tile with harmless matrices (uniform P, zero gradient): no slicing, so
+            for i in range(k):  # every call sees contiguous [k, k, _TILE] arrays
+                for s in range(k):
+                    p_bl[i, s, size:] = 1.0 / k
+                    g_bl[i, s, size:] = 0.0
+        _project_backward_many(p_bl, g_bl, g_res, h, q_rows, b)
+        for u in range(size):
+            n = start + u
+            xn, pn, gm, gi = x[n], p[n], g_mixed[n], g_inp[n]
+            rn = r[n]
+            dot = 0.0  # sum_m g_u[m] t[m], for the gradient through r
+            for j in range(m_coef):
+                if j < k:
+                    gc = g_pre[j, u] * gates[n, j] * (1.0 - gates[n, j])
+                elif j < 2 * k:
+                    gc = 2.0 * g_post[n, j - k] * gates[n, j] * (1.0 - gates[n, j])
+                else:
+                    gc = g_res[(j - 2 * k) // k, (j - 2 * k) % k, u]
+                g_c[n, j] = gc
+                gu = gc * gate[j]
+                g_t[n, j] = gu * rn
+                dot += gu * t[n, j]
+            w[k + 1] = -dot * rn * rn * rn / (k * dim)  # r = (|x|^2/KD + eps)^(-1/2): dr/dx = -r^3 x / KD
+            # g_x_s = gates_s g_inp + sum_i p_is g_mixed_i + scale x_s, one pass per stream; the weights go
+            # through w (x's dtype) so float32 data is not computed in float64
+            for s in range(k):
+                out, xs = g_x[n, s], xn[s]
+                w[0] = gates[n, s]
+                for i in range(k):
+                    w[1 + i] = pn[i, s]
+                if k == 4:  # the common case, one pass
+                    w_in, w0, w1, w2, w3, scale = w[0], w[1], w[2], w[3], w[4], w[5]
                     for e in range(dim):
-                        out[e] += wi * gm[i, e]
+                        out[e] = (w_in * gi[e] + w0 * gm[0, e] + w1 * gm[1, e] + w2 * gm[2, e] + w3 * gm[3, e]
+                                  + scale * xs[e])
+                else:
+                    w_in, scale = w[0], w[k + 1]
+                    for e in range(dim):
+                        out[e] = w_in * gi[e] + scale * xs[e]
+                    for i in range(k):
+                        wi = w[1 + i]
+                        for e in range(dim):
+                            out[e] += wi * gm[i, e]
     return g_x, g_c, g_t
 
 
