@@ -313,32 +313,30 @@ class _BranchReadFused(torch.autograd.Function):
         n, k, d = x.shape
         x = x.contiguous()
         flat = x.view(n, k * d)
-        t = flat @ phi  # [N, M]
+        t_rows = torch.mm(phi.T, flat.T)  # (x phi)^T [M, N]: this orientation is the faster matmul on CPU
         gate = alpha[group]
         inp, mixed, gates, p, r = mhc_kernels.branch_read_forward(
-            x.detach().numpy(), t.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
+            x.detach().numpy(), t_rows.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
             eps, n_iters, tol, newton_iters,
         )
         gates, p, r = torch.from_numpy(gates), torch.from_numpy(p), torch.from_numpy(r)
-        ctx.save_for_backward(x, phi, t, r, gate, gates, p)
-        ctx.group = group
+        ctx.save_for_backward(x, phi, t_rows, r, gate, gates, p)
         res = p.to(x.dtype)
         ctx.mark_non_differentiable(res)
         return torch.from_numpy(inp), torch.from_numpy(mixed), 2 * gates[:, k:], res
 
     @staticmethod
     def backward(ctx, g_inp, g_mixed, g_post, _):
-        x, phi, t, r, gate, gates, p = ctx.saved_tensors
+        x, phi, t_rows, r, gate, gates, p = ctx.saved_tensors
         n, k, d = x.shape
-        g_x, g_c, g_t = mhc_kernels.branch_read_backward(
-            x.numpy(), t.detach().numpy(), r.numpy(), gate.detach().numpy(), gates.numpy(), p.numpy(),
+        g_x, g_t, g_bias, g_alpha = (torch.from_numpy(a) for a in mhc_kernels.branch_read_backward(
+            x.numpy(), t_rows.detach().numpy(), r.numpy(), gate.detach().numpy(), gates.numpy(), p.numpy(),
             g_inp.contiguous().numpy(), g_mixed.contiguous().numpy(), g_post.contiguous().numpy(),
-        )
-        g_x, g_c, g_t = torch.from_numpy(g_x), torch.from_numpy(g_c), torch.from_numpy(g_t)
+        ))
+        flat = x.view(n, k * d)
         g_x.view(n, k * d).addmm_(g_t, phi.detach().T)
-        g_phi = (g_t.T @ x.view(n, k * d)).T  # [K*D, M]; this orientation is the faster matmul on CPU
-        g_alpha = torch.zeros(3, dtype=x.dtype).index_add_(0, ctx.group, (g_c * (t.detach() * r[:, None])).sum(0))
-        return g_x, g_phi, g_c.sum(0), g_alpha, None, None, None, None, None
+        g_phi = (g_t.T @ flat).T  # [K*D, M]; this orientation is the faster matmul on CPU
+        return g_x, g_phi, g_bias, g_alpha, None, None, None, None, None
 
 
 class _StreamWriteFused(torch.autograd.Function):

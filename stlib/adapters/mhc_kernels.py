@@ -274,8 +274,23 @@ def _solve_spd_many(h, b):
 
 
 @_jit
-def _project_many(m, out, n_iters, tol, newton_iters):
-    """Logits m [n, n, N] (batch-last, overwritten) -> out [N, n, n] doubly stochastic.
+def _shift_logits(m):
+    """Logits m [n, n, N] (batch-last, in place): rows, then columns, shifted to max 0.
+
+    After exp every row and column then holds an exact 1, so none underflows to 0 in float64 even for
+    logit ranges of several hundred. The exp itself is numpy's (vectorised; numba's is one call per value).
+    """
+    n, count = m.shape[0], m.shape[2]
+    top = np.empty(count)
+    for i in range(n):
+        _shift_to_zero(m, i, True, top)
+    for j in range(n):
+        _shift_to_zero(m, j, False, top)
+
+
+@_jit
+def _balance(m, out, n_iters, tol, newton_iters):
+    """exp(shifted logits) m [n, n, N] (batch-last, overwritten) -> out [N, n, n] doubly stochastic.
 
     Every step runs over all N matrices at once with N innermost (contiguous, so it vectorises): per matrix a
     sweep is only ~80 scalar flops, too few to vectorise within one. Sinkhorn stops when every matrix is
@@ -283,15 +298,6 @@ def _project_many(m, out, n_iters, tol, newton_iters):
     """
     n, count = m.shape[0], m.shape[2]
     sums = np.empty(count)
-    for i in range(n):  # rows, then columns, shifted to max 0: each then holds an exact 1 after exp
-        _shift_to_zero(m, i, True, sums)
-    for j in range(n):
-        _shift_to_zero(m, j, False, sums)
-    for i in range(n):
-        for j in range(n):
-            mij = m[i, j]
-            for t in range(count):
-                mij[t] = math.exp(mij[t])
     for i in range(n):
         _normalise_many(m, i, True, sums, tol)
     for _ in range(n_iters):
@@ -388,11 +394,12 @@ def _normalise_many(m, index, row, sums, tol):
     return off
 
 
-@_jit
 def project(logits, n_iters, tol, newton_iters):
     """Logits [N, n, n] float64 -> doubly-stochastic [N, n, n] float64 (rows exact, columns within tol)."""
+    m = logits.transpose(1, 2, 0).copy()  # batch-last, and a copy: the steps below overwrite it
+    _shift_logits(m)
     out = np.empty_like(logits)
-    _project_many(logits.transpose(1, 2, 0).copy(), out, n_iters, tol, newton_iters)  # a copy: m is overwritten
+    _balance(np.exp(m, out=m), out, n_iters, tol, newton_iters)
     return out
 
 
@@ -406,20 +413,28 @@ def project_backward(p, g):
     return out.transpose(2, 0, 1).copy()
 
 
-@_jit
-def branch_read_forward(x, t, bias, gate, eps, n_iters, tol, newton_iters):
-    """x [N, K, D], t = flat(x) phi [N, M] -> inp [N, D], mixed [N, K, D], gates [N, 2K], p [N, K, K] f64, r [N].
+def branch_read_forward(x, t_rows, bias, gate, eps, n_iters, tol, newton_iters):
+    """x [N, K, D], t_rows = (flat(x) phi)^T [M, N] -> inp [N, D], mixed [N, K, D], gates [N, 2K], p [N, K, K] f64,
+    r [N]. (t comes transposed because phi^T flat^T is the faster matmul on CPU: 15 % here.)
 
     Per token: r = rsqrt(mean(x^2) + eps), c = bias + gate * t * r, gates = sigmoid(c[:2K]),
-    p = Sinkhorn(c[2K:]), inp = gates[:K] x, mixed = p x.
+    p = Sinkhorn(c[2K:]), inp = gates[:K] x, mixed = p x. Two compiled passes with numpy's vectorised exp
+    between them (the per-value exp call in numba cost ~60 us per branch here).
     """
+    neg_gate_logits, logits, r = _coefficients(x, t_rows, bias, gate, eps)
+    with np.errstate(over="ignore"):  # exp(-c) = inf for very negative gate logits: sigmoid 0, as it should be
+        np.exp(neg_gate_logits, out=neg_gate_logits)
+    np.exp(logits, out=logits)  # shifted to <= 0: no overflow
+    return _balance_and_mix(x, neg_gate_logits, logits, r, n_iters, tol, newton_iters)
+
+
+@_jit
+def _coefficients(x, t_rows, bias, gate, eps):
+    """-(gate logits) [N, 2K], shifted H_res logits [K, K, N] f64 (batch-last) and r [N], for branch_read_forward."""
     count, k, dim = x.shape
-    inp = np.empty((count, dim), dtype=x.dtype)
-    mixed = np.empty_like(x)
-    gates = np.empty((count, 2 * k), dtype=x.dtype)
-    p = np.empty((count, k, k))
+    neg = np.empty((count, 2 * k), dtype=x.dtype)
     r = np.empty(count, dtype=x.dtype)
-    logits = np.empty((k, k, count))  # batch-last, as _project_many wants
+    logits = np.empty((k, k, count))
     for n in range(count):
         xn = x[n]
         sq = 0.0
@@ -428,39 +443,98 @@ def branch_read_forward(x, t, bias, gate, eps, n_iters, tol, newton_iters):
         rn = 1.0 / math.sqrt(sq / (k * dim) + eps)
         r[n] = rn
         for j in range(2 * k):
-            gates[n, j] = 1.0 / (1.0 + math.exp(-(bias[j] + gate[j] * t[n, j] * rn)))
+            neg[n, j] = -(bias[j] + gate[j] * t_rows[j, n] * rn)
         for i in range(k):
             for j in range(k):
                 m = 2 * k + i * k + j
-                logits[i, j, n] = bias[m] + gate[m] * t[n, m] * rn
-    _project_many(logits, p, n_iters, tol, newton_iters)
-    w = np.empty(k, dtype=x.dtype)  # weights in x's dtype: float64 weights would run the float32 mixing in float64
+                logits[i, j, n] = bias[m] + gate[m] * t_rows[m, n] * rn
+    _shift_logits(logits)
+    return neg, logits, r
+
+
+@_jit
+def _balance_and_mix(x, exp_neg, m, r, n_iters, tol, newton_iters):
+    """The rest of branch_read_forward, from exp(-gate logits) and exp(shifted H_res logits)."""
+    count, k, dim = x.shape
+    inp = np.empty((count, dim), dtype=x.dtype)
+    mixed = np.empty_like(x)
+    gates = np.empty((count, 2 * k), dtype=x.dtype)
+    for n in range(count):
+        for j in range(2 * k):
+            gates[n, j] = 1.0 / (1.0 + exp_neg[n, j])
+    p = np.empty((count, k, k))
+    _balance(m, p, n_iters, tol, newton_iters)
+    w = np.empty((k + 1, k), dtype=x.dtype)  # [H_pre; H_res] in x's dtype (float64 weights: float64 arithmetic)
     for n in range(count):
         xn, pn = x[n], p[n]
-        _mix_row(gates[n, :k], xn, inp[n])
+        for s in range(k):
+            w[0, s] = gates[n, s]
+            for i in range(k):
+                w[1 + i, s] = pn[i, s]
+        if k == 4:  # the common case: the five outputs in one pass over the four streams
+            _mix5(w, xn, inp[n], mixed[n])
+            continue
+        _mix_row(w[0], xn, inp[n])
         for i in range(k):
-            for s in range(k):
-                w[s] = pn[i, s]
-            _mix_row(w, xn, mixed[n, i])
+            _mix_row(w[1 + i], xn, mixed[n, i])
     return inp, mixed, gates, p, r
+
+
+@_jit
+def _mix5(w, x, inp, mixed):
+    """inp = w[0] x, mixed[i] = w[1 + i] x for x [4, D], w [5, 4]: one pass over x (weights held in registers)."""
+    a0, a1, a2, a3 = w[0, 0], w[0, 1], w[0, 2], w[0, 3]
+    b0, b1, b2, b3 = w[1, 0], w[1, 1], w[1, 2], w[1, 3]
+    c0, c1, c2, c3 = w[2, 0], w[2, 1], w[2, 2], w[2, 3]
+    d0, d1, d2, d3 = w[3, 0], w[3, 1], w[3, 2], w[3, 3]
+    e0, e1, e2, e3 = w[4, 0], w[4, 1], w[4, 2], w[4, 3]
+    m0, m1, m2, m3 = mixed[0], mixed[1], mixed[2], mixed[3]
+    for e in range(x.shape[1]):
+        x0, x1, x2, x3 = x[0, e], x[1, e], x[2, e], x[3, e]
+        inp[e] = a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+        m0[e] = b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+        m1[e] = c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+        m2[e] = d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
+        m3[e] = e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+
+
+@_jit
+def _dots5(xs, gi, gm, g_pre, g_bl, s, u):
+    """g_pre[s, u] = <gi, xs>, g_bl[i, s, u] = <gm[i], xs> for gm [4, D]: five reductions in one pass over xs."""
+    v = xs[0]
+    a0, a1, a2, a3, a4 = gi[0] * v, gm[0, 0] * v, gm[1, 0] * v, gm[2, 0] * v, gm[3, 0] * v
+    for e in range(1, xs.shape[0]):
+        v = xs[e]
+        a0 += gi[e] * v
+        a1 += gm[0, e] * v
+        a2 += gm[1, e] * v
+        a3 += gm[2, e] * v
+        a4 += gm[3, e] * v
+    g_pre[s, u] = a0
+    g_bl[0, s, u] = a1
+    g_bl[1, s, u] = a2
+    g_bl[2, s, u] = a3
+    g_bl[3, s, u] = a4
 
 
 _TILE = 64  # tokens per tile in the backward: a tile's streams and gradients (~300 KB) stay in L2 between passes
 
 
 @_jit
-def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
-    """Gradients of branch_read_forward's outputs -> g_x [N, K, D] (without the x phi term), g_c [N, M], g_t [N, M].
+def branch_read_backward(x, t_rows, r, gate, gates, p, g_inp, g_mixed, g_post):
+    """Gradients of branch_read_forward's outputs -> g_x [N, K, D] (without the x phi term), g_t [N, M], g_bias [M],
+    g_alpha [3] (the pre/post/res gates).
 
-    The caller adds g_t phi^T to g_x and forms g_phi = flat^T g_t, g_bias = sum g_c, g_alpha from g_c * u.
+    The caller adds g_t phi^T to g_x and forms g_phi = flat^T g_t.
     Per tile of tokens: the dot products <g, x_s> per token, then the Sinkhorn backward for the whole tile
     (vectorised across tokens), then g_x in one pass per stream while the tile is still in cache.
     """
     count, k, dim = x.shape
     m_coef = 2 * k + k * k
     g_x = np.empty_like(x)
-    g_c = np.empty((count, m_coef), dtype=x.dtype)
     g_t = np.empty((count, m_coef), dtype=x.dtype)
+    g_bias = np.zeros(m_coef)
+    g_alpha = np.zeros(3)
     g_pre = np.empty((k, _TILE))  # <g_inp, x_s> per token of the tile
     p_bl, g_bl, g_res = np.empty((k, k, _TILE)), np.empty((k, k, _TILE)), np.empty((k, k, _TILE))
     h, q_rows, b = np.empty((k, k, _TILE)), np.empty((k, _TILE)), np.empty((k, _TILE))
@@ -472,9 +546,13 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
             n = start + u
             xn, gm, gi = x[n], g_mixed[n], g_inp[n]
             for s in range(k):
-                g_pre[s, u] = _dot(gi, xn[s])
+                if k == 4:  # the common case: the five dot products in one pass over x_s
+                    _dots5(xn[s], gi, gm, g_pre, g_bl, s, u)
+                else:
+                    g_pre[s, u] = _dot(gi, xn[s])
+                    for i in range(k):
+                        g_bl[i, s, u] = _dot(gm[i], xn[s])
                 for i in range(k):
-                    g_bl[i, s, u] = _dot(gm[i], xn[s])
                     p_bl[i, s, u] = p[n, i, s]
         if size < _TILE:  # pad the last tile with harmless matrices (uniform P, zero gradient): no slicing, so
             for i in range(k):  # every call sees contiguous [k, k, _TILE] arrays
@@ -494,10 +572,11 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
                     gc = 2.0 * g_post[n, j - k] * gates[n, j] * (1.0 - gates[n, j])
                 else:
                     gc = g_res[(j - 2 * k) // k, (j - 2 * k) % k, u]
-                g_c[n, j] = gc
+                g_bias[j] += gc
+                g_alpha[0 if j < k else (1 if j < 2 * k else 2)] += gc * t_rows[j, n] * rn
                 gu = gc * gate[j]
                 g_t[n, j] = gu * rn
-                dot += gu * t[n, j]
+                dot += gu * t_rows[j, n]
             w[k + 1] = -dot * rn * rn * rn / (k * dim)  # r = (|x|^2/KD + eps)^(-1/2): dr/dx = -r^3 x / KD
             # g_x_s = gates_s g_inp + sum_i p_is g_mixed_i + scale x_s, one pass per stream; the weights go
             # through w (x's dtype) so float32 data is not computed in float64
@@ -519,7 +598,7 @@ def branch_read_backward(x, t, r, gate, gates, p, g_inp, g_mixed, g_post):
                         wi = w[1 + i]
                         for e in range(dim):
                             out[e] += wi * gm[i, e]
-    return g_x, g_c, g_t
+    return g_x, g_t, g_bias.astype(x.dtype), g_alpha.astype(x.dtype)
 
 
 @_jit
