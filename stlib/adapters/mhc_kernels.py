@@ -26,6 +26,8 @@ AVAILABLE = numba is not None
 _RIDGE = 1e-12  # as mhc._RIDGE: keeps the Laplacian solve regular for (numerically) decomposable matrices
 _REL_STEPS = (1.0, 0.5, 0.25, 0.125)  # Newton line search: fractions of the full step ...
 _ABS_STEP_POWERS = 11  # ... and absolute lengths 2^-2 .. 2^8 along the step's direction
+_VECTOR_NEWTON_STEPS = 4  # full Newton steps taken for all unconverged matrices at once before the per-matrix ones
+_VECTOR_NEWTON_MAX_STEP = 1.0  # ... when no column potential moves by more than this (log scale)
 
 
 # reassociation lets LLVM vectorise the dot products over D; no nnan/ninf, so NaN/inf still propagate
@@ -34,6 +36,12 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 def _jit(fn):
     return numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")(fn) if AVAILABLE else fn
+
+
+@_jit
+def _nan_max(a, b):
+    """max(a, b) that keeps a NaN (Python's max in numba drops one): a NaN error must never read as converged."""
+    return a if a >= b else b if b >= a else math.nan
 
 
 @_jit
@@ -107,7 +115,7 @@ def _col_error(m):
         c = 0.0
         for i in range(n):
             c += m[i, j]
-        err = max(err, abs(c - 1.0))
+        err = _nan_max(err, abs(c - 1.0))
     return err
 
 
@@ -319,17 +327,102 @@ def _balance(m, out, n_iters, tol, newton_iters):
             for t in range(count):
                 sums[t] += src[t]
         for t in range(count):
-            col_err[t] = max(col_err[t], abs(sums[t] - 1.0))
+            col_err[t] = _nan_max(col_err[t], abs(sums[t] - 1.0))
     for i in range(n):
         for j in range(n):
             src = m[i, j]
             for t in range(count):
                 out[t, i, j] = src[t]
-    if newton_iters > 0:
-        h, d, trial, best, ed = np.empty((n, n)), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    if newton_iters <= 0:
+        return
+    bad = np.flatnonzero(col_err >= tol)
+    if len(bad) > 0:
+        _newton_many(out, bad, min(newton_iters, _VECTOR_NEWTON_STEPS), tol)
+    h, d, trial, best, ed = np.empty((n, n)), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    for t in bad:  # what the full steps did not finish: damped Newton, one matrix at a time
+        if _col_error(out[t]) >= tol:
+            _newton(out[t], newton_iters, tol, h, d, trial, best, ed)
+
+
+@_jit
+def _newton_many(out, idx, n_steps, tol):
+    """Full Newton steps on the column potentials of the row-stochastic matrices out[idx] [n, n], vectorised.
+
+    Gathered batch-last [n, n, B]; a matrix whose column error a full step does not reduce keeps its previous
+    state (and is left to _newton's line search). Most matrices Sinkhorn leaves above tol are in the quadratic
+    phase already: two or three full steps finish them.
+    """
+    n, size = out.shape[1], len(idx)
+    m = np.empty((n, n, size))
+    for u in range(size):
+        for i in range(n):
+            for j in range(n):
+                m[i, j, u] = out[idx[u], i, j]
+    prev = np.empty_like(m)
+    h, d, ed = np.empty((n, n, size)), np.empty((n, size)), np.empty((n, size))
+    err, new_err, sums = np.empty(size), np.empty(size), np.empty(size)
+    _col_errors(m, err, sums)
+    for _ in range(n_steps):
+        if err.max() < tol:
+            break
+        for j in range(n):
+            dj = d[j]
+            for u in range(size):
+                dj[u] = 1.0
+            for i in range(n):
+                mij = m[i, j]
+                for u in range(size):
+                    dj[u] -= mij[u]
+        _laplacian_many(m, h)
+        _solve_spd_many(h, d)
+        prev[:] = m
+        for u in range(size):  # only small steps (the quadratic phase): a long full step can underflow entries to
+            step = 0.0         # exact zeros that no later step recovers; those matrices get the line search
+            for j in range(n):
+                step = max(step, abs(d[j, u]))
+            if not step <= _VECTOR_NEWTON_MAX_STEP:
+                err[u] = 0.0  # out of this loop: left to _newton (the caller rechecks every matrix it gathered)
+        for j in range(n):
+            for u in range(size):
+                ed[j, u] = math.exp(d[j, u]) if err[u] >= tol else 1.0
+        for i in range(n):
+            for j in range(n):
+                mij, edj = m[i, j], ed[j]
+                for u in range(size):
+                    mij[u] *= edj[u]
+        for i in range(n):
+            _normalise_many(m, i, True, sums, tol)
+        for j in range(n):
+            _normalise_many(m, j, False, sums, tol)
+        for i in range(n):
+            _normalise_many(m, i, True, sums, tol)
+        _col_errors(m, new_err, sums)
+        for u in range(size):
+            if err[u] >= tol and not new_err[u] < err[u]:  # no progress (or overflow): undo, leave it to the line search
+                for i in range(n):
+                    for j in range(n):
+                        m[i, j, u] = prev[i, j, u]
+                new_err[u] = err[u]
+        err[:] = new_err
+    for u in range(size):
+        for i in range(n):
+            for j in range(n):
+                out[idx[u], i, j] = m[i, j, u]
+
+
+@_jit
+def _col_errors(m, err, sums):
+    """err[t] = max_j |column j sum - 1| of each matrix in m [n, n, T]."""
+    n, count = m.shape[0], m.shape[2]
+    err[:] = 0.0
+    for j in range(n):
+        sums[:] = 0.0
+        for i in range(n):
+            mij = m[i, j]
+            for t in range(count):
+                sums[t] += mij[t]
         for t in range(count):
-            if col_err[t] >= tol:
-                _newton(out[t], newton_iters, tol, h, d, trial, best, ed)
+            err[t] = _nan_max(err[t], abs(sums[t] - 1.0))
 
 
 @_jit

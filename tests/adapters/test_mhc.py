@@ -72,6 +72,19 @@ def test_sinkhorn_doubly_stochastic_at_large_logit_scales(scale, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_near_permutation_stays_finite(kernel):
+    """A logit matrix (scale 50) where a long full Newton step underflowed entries to exact zeros and the next
+    step made NaN; only steps in the quadratic phase may be taken undamped."""
+    logits = torch.tensor([[-46.16358185, 26.14789581, -37.75613403, -28.88732529],
+                           [11.89977169, 104.58829498, -80.00814056, 63.19247055],
+                           [74.79837799, -20.59733772, 48.73163223, 59.47954178],
+                           [22.73957825, 58.65235901, -2.26494145, 36.91592789]], dtype=torch.float64)
+    p = sinkhorn_knopp(logits.expand(3, 4, 4), kernel=kernel)
+    assert torch.isfinite(p).all()
+    assert ds_error(p) <= 1e-4
+
+
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
 def test_sinkhorn_other_sizes_and_leading_dims(kernel):
     torch.manual_seed(1)
     p = sinkhorn_knopp(torch.randn(2, 5, 3, 3) * 5, kernel=kernel)
