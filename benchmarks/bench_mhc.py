@@ -53,6 +53,26 @@ Printed tables, not a test:
 #   make bench (2026-11-29 18:02): init 1.33x, trained 1.38x plain; torch-ops path 1.62x; lucidrains 4.35x (3.16x
 #   slower than ours). In situ the kernels run ~1.5x slower than in a hot-cache loop: the stream tensors come from
 #   L3, not L2, after each branch.
+# 2026-11-29 (second session), kernel by kernel in a hot loop (us per branch), then the block (x plain, CPU median):
+#   change                                  predicted                     measured
+#   Sinkhorn prologue batch-last (N inner)  the [n, n, N] scatter with    121 -> 57 us (41 of them: 8192 scalar exps)
+#                                           4 KB strides was most of it
+#   error_model="numpy" (no ZeroDivision-   numba's python error model     sweeps 6.9 -> 4.0 us each; read fwd 536 ->
+#     Error checks)                         keeps every division scalar    433 us; block 1.30x / 1.35x
+#   one pass per k=4 normalisation          4 loops over N -> 1            sweep 4.0 -> 2.9 us
+#   Sinkhorn backward vectorised over a     139 us of per-matrix solves    51 us; read bwd 410 -> 286 us (tile of 64
+#     tile of 64 tokens (batch-last)        -> ~30                         tokens stays in L2 between the passes)
+#   float32 mixing weights                  float64 weights promoted the   fwd 271 -> 241 us
+#                                           float32 loops to float64
+#   numpy's exp (SIMD) between two          8192 + 4096 scalar exps,       fwd (trained) 336 -> 230 us
+#     compiled passes                       ~60 us -> ~10
+#   (x phi)^T = phi^T flat^T                the faster BLAS orientation    168 vs 200 us per matmul
+#   five dots / five mixes per pass over    x_s read once instead of 5x    dots 136 -> 77 us
+#     a token's streams                                                    -> block 1.28x / 1.30x
+#   full Newton steps vectorised across     per-matrix Newton ~0.35 us     Newton 100 -> ~45 us per branch;
+#     the unconverged matrices (|step| <=1) each, ~250 matrices            block 1.27x / 1.28x
+#     (a long full step underflowed entries to exact 0 and the next gave NaN at scale 50: those keep the
+#      per-matrix line search; tests/adapters/test_mhc.py has the matrix)
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ can drift apart during training; with uniform weights every stream receives the 
 and mHC collapses to a gated plain residual.
 
 Speed: each branch's coefficient path and stream read is one autograd node with a hand-written backward.
-On CPU (``kernel="auto"``) the per-token work runs in compiled loops (mhc_kernels, numba): ~1.35x a plain
-residual stack instead of ~1.6x with eager torch ops (_BranchRead, the GPU path, Sinkhorn on batch-last
+On CPU (``kernel="auto"``) the per-token work runs in compiled loops (mhc_kernels, numba): ~1.28x a plain
+residual stack instead of ~1.65x with eager torch ops (_BranchRead, the GPU path, Sinkhorn on batch-last
 [K, K, N] matrices); benchmarks/bench_mhc.py has the measurements and a log of what was tried.
 
 Shapes: B sets, S cells per set, N = B*S tokens, D hidden width, K streams, M = 2K + K^2 coefficients.

@@ -3,10 +3,14 @@
 Why: on CPU, mHC's cost over a plain residual stack is not arithmetic but eager PyTorch's per-op overhead
 and memory traffic: each branch read/write is ~20 separate passes over the [N, K, D] streams plus ~100
 tiny ops for the K x K Sinkhorn projection (benchmarks/bench_mhc.py has the profile). Here each token's
-coefficients, Sinkhorn-Knopp (with per-matrix early exit and Newton polishing), and the [H_pre; H_res] x
-product are computed in one compiled loop over tokens, and so is the backward. The dense products that
-BLAS does well (x phi, its gradients) stay in torch. Same maths as ``mhc._BranchRead`` (the torch path,
-used on GPU and for other dtypes); tests check the two agree.
+coefficients and the [H_pre; H_res] x product are computed in one compiled loop over tokens, and so is the
+backward. The small per-token matrix algebra (Sinkhorn sweeps, Newton steps, the implicit-differentiation
+solve) runs batch-last, [K, K, N], so that it vectorises across tokens; numpy's SIMD exp sits between two
+compiled passes. The dense products that BLAS does well (x phi, its gradients) stay in torch. Same maths as
+``mhc._BranchRead`` (the torch path, used on GPU and for other dtypes); tests check the two agree.
+
+Compiled with error_model="numpy" (a division by zero gives inf/NaN, as in torch, instead of raising): the
+default python error model checks every division and keeps those loops scalar.
 
 Shapes: N tokens, K streams, D hidden width, M = 2K + K^2 coefficients; x [N, K, D].
 """
@@ -616,7 +620,8 @@ _TILE = 64  # tokens per tile in the backward: a tile's streams and gradients (~
 @_jit
 def branch_read_backward(x, t_rows, r, gate, gates, p, g_inp, g_mixed, g_post):
     """Gradients of branch_read_forward's outputs -> g_x [N, K, D] (without the x phi term), g_t [N, M], g_bias [M],
-    g_alpha [3] (the pre/post/res gates).
+    g_alpha [3] (the pre/post/res gates, over coefficients [0, K), [K, 2K), [2K, M) as ManifoldHyperConnections
+    groups them).
 
     The caller adds g_t phi^T to g_x and forms g_phi = flat^T g_t.
     Per tile of tokens: the dot products <g, x_s> per token, then the Sinkhorn backward for the whole tile
