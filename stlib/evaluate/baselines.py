@@ -8,7 +8,8 @@
   may dip below 0) to keep its group mean exactly control mean + training shift.
 
 Both read everything from a real file: controls, groups and ``uns["stlib"]``. A group predicted from
-controls keeps its own obs (perturbation, group_id, time, batch); ``source_index`` is the control cell's.
+controls keeps its own obs (perturbation, group_id, time, batch); ``source_index`` and ``basal_index`` are the
+control cell's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from stlib.evaluate.layout import (
+    BASAL_INDEX_KEY,
     GROUP_KEY,
+    SOURCE_INDEX_KEY,
     UNS_KEY,
     ControlIndex,
     EvalError,
@@ -66,6 +69,8 @@ def _controls_as_prediction(real: AnnData, s: EvalSettings, model: str) -> tuple
         _set(out.obs, s.time_col, is_group, np.repeat(table["time"].to_numpy(dtype=object), sizes))
     if s.batch_col:
         _set(out.obs, s.batch_col, is_group, np.repeat(table["batch"].to_numpy(dtype=object), sizes))
+    if SOURCE_INDEX_KEY in out.obs:  # each row is predicted from itself
+        out.obs[BASAL_INDEX_KEY] = out.obs[SOURCE_INDEX_KEY].to_numpy()
     out.layers = {}
     out.obsm = {s.embed_key: out.obsm[s.embed_key]} if s.embed_key in out.obsm else {}
     out.uns = {UNS_KEY: {**copy.deepcopy(dict(real.uns[UNS_KEY])), "model": model}} if UNS_KEY in real.uns else {}

@@ -20,6 +20,7 @@ from anndata import AnnData
 UNS_KEY = "stlib"  # uns entry holding the settings below
 GROUP_KEY = "group_id"  # obs column: same id for a predicted group and its real counterpart
 SOURCE_INDEX_KEY = "source_index"  # obs column: row in the original AnnData
+BASAL_INDEX_KEY = "basal_index"  # obs column (pred): original row of the control cell a prediction was made from
 SPACES = ("gene", "embedding")
 
 

@@ -4,6 +4,11 @@ A *group* is one ``group_id``: the perturbed cells of one perturbation, cell typ
 batch, if the predictor grouped by batch), predicted in ``pred`` and real in ``real``. Its *control* is
 the real control cells of the same cell type and time point (all time points of the cell type when that
 time point has none). Shifts are group mean − control mean, in X's space (G genes, or embedding dims).
+The real shift is taken from all of the group's controls. The predicted shift is taken from the controls
+the predictions were made from, when pred's obs names them (``basal_index``, as ``stlib predict`` and the
+baselines write it): a model predicts from a random draw of control cells, and that draw's mean differs
+from the full control mean by sampling noise (~25 % of the Burn shift's norm for groups of ~100 cells
+here) that says nothing about the model. Without ``basal_index``, all of the group's controls.
 
 Metrics per group:
 - ``gene_correlation``: Pearson r over G between predicted and real shift.
@@ -51,7 +56,9 @@ from geomloss import SamplesLoss
 
 from stlib.evaluate import baselines
 from stlib.evaluate.layout import (
+    BASAL_INDEX_KEY,
     GROUP_KEY,
+    SOURCE_INDEX_KEY,
     ControlIndex,
     EvalError,
     EvalSettings,
@@ -153,6 +160,37 @@ def _first_diff(a, b) -> str:
     return f"position {min(len(a), len(b))} (one list is longer)"
 
 
+class BasalRows:
+    """Rows of ``real`` holding the control cell each prediction was made from (pred obs ``basal_index``).
+
+    ``control_mean`` gives the mean of those cells for a set of predicted rows, or the fallback (all of the
+    group's controls) when pred does not name them or real lacks one of them (then with a warning).
+    """
+
+    def __init__(self, pred: AnnData, real: AnnData):
+        self.rows = None
+        if BASAL_INDEX_KEY not in pred.obs:
+            return
+        if SOURCE_INDEX_KEY not in real.obs:
+            warnings.warn(f"pred has obs[{BASAL_INDEX_KEY!r}] but real has no obs[{SOURCE_INDEX_KEY!r}] to find "
+                          "those cells: predicted shifts are taken from all of each group's controls", stacklevel=3)
+            return
+        lookup = pd.Series(np.arange(real.n_obs), index=real.obs[SOURCE_INDEX_KEY].to_numpy())
+        lookup = lookup[~lookup.index.duplicated()]
+        found = lookup.reindex(pred.obs[BASAL_INDEX_KEY].to_numpy())
+        if found.isna().any():
+            warnings.warn(f"{int(found.isna().sum())} of pred's obs[{BASAL_INDEX_KEY!r}] are not among real's "
+                          f"obs[{SOURCE_INDEX_KEY!r}]: predicted shifts are taken from all of each group's controls",
+                          stacklevel=3)
+            return
+        self.rows = found.to_numpy().astype(int)
+
+    def control_mean(self, matrix, pred_rows: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        if self.rows is None or len(pred_rows) == 0:
+            return fallback
+        return mean_rows(matrix, self.rows[pred_rows])
+
+
 def group_metrics(
     pred: AnnData, real: AnnData, *, max_cells: int = 500, seed: int = 0, **settings: str | None
 ) -> pd.DataFrame:
@@ -170,6 +208,7 @@ def group_metrics(
         reps.append(("emb_", s.embed_key))
     mats = {rep: (representation(pred, rep), representation(real, rep)) for _, rep in reps}
     rng = np.random.default_rng(seed)
+    basal = BasalRows(pred, real)
     out = []
     for gid, g in table.iterrows():
         p_idx = np.flatnonzero(pred_pert & (pred_ids == gid))
@@ -188,8 +227,9 @@ def group_metrics(
             pm, rm = mats[rep]
             ctrl = mean_rows(rm, c_idx)
             p_mean, r_mean = mean_rows(pm, p_idx), mean_rows(rm, r_idx)
-            row[f"{prefix}gene_correlation"] = pearson(p_mean - ctrl, r_mean - ctrl)
-            row[f"{prefix}direction_cosine"] = direction_cosine(p_mean - ctrl, r_mean - ctrl)
+            p_shift = p_mean - basal.control_mean(rm, p_idx, ctrl)
+            row[f"{prefix}gene_correlation"] = pearson(p_shift, r_mean - ctrl)
+            row[f"{prefix}direction_cosine"] = direction_cosine(p_shift, r_mean - ctrl)
             if prefix:
                 continue
             row["mse"] = float(np.mean((p_mean - r_mean) ** 2))
@@ -209,6 +249,7 @@ def temporal_table(pred: AnnData, real: AnnData, **settings: str | None) -> pd.D
     if not s.time_col:
         return pd.DataFrame(columns=columns)
     controls = ControlIndex(real, s)
+    basal = BasalRows(pred, real)
     pm, rm = representation(pred, "X"), representation(real, "X")
 
     def keys(adata):
@@ -229,7 +270,8 @@ def temporal_table(pred: AnnData, real: AnnData, **settings: str | None) -> pd.D
         for t in times:
             ctrl = mean_rows(rm, controls(ct, t))
             real_shifts.append(mean_rows(rm, np.flatnonzero(rmask & (rp == pert) & (rc == ct) & (rt == t))) - ctrl)
-            pred_shifts.append(mean_rows(pm, np.flatnonzero(pmask & (pp == pert) & (pc == ct) & (pt == t))) - ctrl)
+            p_idx = np.flatnonzero(pmask & (pp == pert) & (pc == ct) & (pt == t))
+            pred_shifts.append(mean_rows(pm, p_idx) - basal.control_mean(rm, p_idx, ctrl))
         score = temporal_coherence(np.array(real_shifts), np.array(pred_shifts)) if len(times) >= 3 else np.nan
         out.append({"pert": pert, "cell_type": ct, "n_times": len(times), "temporal_coherence": score})
     return pd.DataFrame(out, columns=columns)

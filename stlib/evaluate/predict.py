@@ -4,7 +4,9 @@ For every non-control group of the split (cell type × perturbation [× batch], 
 control cells of the same cell type (and time point where it has controls) are fed through the model in sets
 of `cell_set_len`; as many cells are predicted as the real group has. Two files are written side by side,
 in the layout cell-eval 0.8 reads: `<name>_pred.h5ad` (predicted perturbed cells + the real controls) and
-`<name>_real.h5ad` (real perturbed cells + the same controls); see :mod:`stlib.evaluate.layout`.
+`<name>_real.h5ad` (real perturbed cells + the same controls); see :mod:`stlib.evaluate.layout`. The pred file's
+``obs["basal_index"]`` names the control cell (original row) each predicted cell was made from, so evaluation
+measures the predicted shift from exactly those controls (:mod:`stlib.evaluate.metrics`).
 
 X holds decoded genes (log1p, real gene names) when the model has a gene decoder, else the embedding.
 How genes are read out (``gene_readout``):
@@ -32,7 +34,7 @@ import torch
 from stlib.adapters.lora import base_model
 from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
-from stlib.evaluate.layout import GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
+from stlib.evaluate.layout import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
 from stlib.models.loading import LoadedModel, load_any
 
 GENE_READOUTS = ("residual", "direct")
@@ -95,8 +97,9 @@ def _predict_slice(
     rng: np.random.Generator,
     genes_out: bool,
     gene_readout: str = "residual",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """As many predicted cells as `target` has, from sets of basal cells drawn from `basal_pool`."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """As many predicted cells as `target` has, from sets of basal cells drawn from `basal_pool`: (embedding,
+    genes or None, the basal row each predicted cell was made from)."""
     n_sets = math.ceil(len(target) / set_len)
     basal = draw_rows(basal_pool, n_sets, set_len, rng)
     tgt = draw_rows(target, n_sets, set_len, rng)  # only fills the batch dict; the model never sees targets
@@ -112,7 +115,7 @@ def _predict_slice(
                 decoded = _residual_genes(model, store, batch["basal"], basal[sl].ravel(), decoded)
             genes.append(decoded)
     n = len(target)
-    return np.concatenate(emb)[:n], (np.concatenate(genes)[:n] if genes_out else None)
+    return np.concatenate(emb)[:n], (np.concatenate(genes)[:n] if genes_out else None), basal.ravel()[:n]
 
 
 @torch.no_grad()
@@ -160,16 +163,17 @@ def predict_split(
     genes_out = loaded.dims.get("gene_dim") is not None and store.genes is not None
     rng = np.random.default_rng(seed)
 
-    emb, genes, target_rows, ids = [], [], [], []
+    emb, genes, target_rows, basal_rows, ids = [], [], [], [], []
     for g in groups:
         for t, target, basal_pool in _time_slices(g, times):
-            e, x = _predict_slice(
+            e, x, used = _predict_slice(
                 model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out,
                 gene_readout,
             )
             emb.append(e)
             genes.append(x)
             target_rows.append(target)
+            basal_rows.append(used)
             ids += [f"{g.name}@{t}" if t is not None else g.name] * len(target)
 
     # controls of every predicted cell type, the same real cells in both files
@@ -197,6 +201,8 @@ def predict_split(
     new_obs = obs.iloc[all_rows][keep].copy()
     new_obs[GROUP_KEY] = pd.Categorical(group_id.astype(str))
     new_obs[SOURCE_INDEX_KEY] = all_rows
+    pred_obs = new_obs.copy()
+    pred_obs[BASAL_INDEX_KEY] = np.concatenate([controls, *basal_rows])  # controls: themselves
     new_obs.index = [f"cell{i}" for i in range(len(all_rows))]
     settings = {
         "model": loaded.run_dir.name if loaded.run_dir else "model",
@@ -213,7 +219,7 @@ def predict_split(
         "train_mean_shift_embedding": _train_mean_shift(dm, store.embed, d.control_pert),
     }
     var = pd.DataFrame(index=pd.Index(var_names, dtype=str))
-    pred = ad.AnnData(X=pred_x.astype(np.float32), obs=new_obs.copy(), var=var.copy())
+    pred = ad.AnnData(X=pred_x.astype(np.float32), obs=pred_obs, var=var.copy())
     real = ad.AnnData(X=real_x.astype(np.float32), obs=new_obs.copy(), var=var.copy())
     pred.obsm[d.embed_key] = pred_emb.astype(np.float32)
     real.obsm[d.embed_key] = real_emb.astype(np.float32)

@@ -27,6 +27,7 @@ def test_baselines_have_the_pred_layout(make_pair, name, tmp_path):
     assert list(pred.obsm) == ["X_emb"]
     sham = lambda a: a[(a.obs["condition"] == "Sham").to_numpy()]
     np.testing.assert_array_equal(sham(pred).obs["source_index"], sham(real).obs["source_index"])
+    np.testing.assert_array_equal(pred.obs["basal_index"], pred.obs["source_index"])  # each row from itself
     burn = pred[(pred.obs["group_id"] == "Burn|B|14").to_numpy()]
     assert set(burn.obs["day"]) == {14} and set(burn.obs["cell_type"]) == {"B"}
     assert burn.obs["mouse_id"].astype(str).str.startswith("Burn").all()  # the group's batch, not the control's

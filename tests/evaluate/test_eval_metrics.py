@@ -30,6 +30,43 @@ def test_perfect_prediction_scores_perfectly(make_pair):
     assert list(per_ct["n_groups"]) == [3, 3, 6]
 
 
+def _from_biased_controls(real):
+    """Each Burn group predicted exactly (its real shift) but from the half of its controls highest in gene 0."""
+    pred = real.copy()
+    obs = real.obs
+    sham = (obs["condition"] == "Sham").to_numpy()
+    basal = obs["source_index"].to_numpy().copy()
+    for gid in obs.loc[~sham, "group_id"].unique():
+        rows = np.flatnonzero((obs["group_id"] == gid).to_numpy())
+        ct, day = obs["cell_type"].iloc[rows[0]], obs["day"].iloc[rows[0]]
+        ctrl = np.flatnonzero(sham & (obs["cell_type"] == ct).to_numpy() & (obs["day"] == day).to_numpy())
+        high = ctrl[np.argsort(real.X[ctrl, 0])[len(ctrl) // 2:]]
+        used = high[np.arange(len(rows)) % len(high)]
+        shift = real.X[rows].mean(0) - real.X[ctrl].mean(0)
+        pred.X[rows] = real.X[used] + shift
+        basal[rows] = obs["source_index"].to_numpy()[used]
+    pred.obs["basal_index"] = basal
+    return pred
+
+
+def test_predicted_shift_is_taken_from_the_controls_it_was_made_from(make_pair):
+    """A model that adds exactly the real shift to a biased draw of controls predicts the shift exactly; only
+    measured from all controls would the draw's bias count against it."""
+    _, real = make_pair("perfect", space="embedding")
+    pred = _from_biased_controls(real)
+    groups = group_metrics(pred, real)
+    assert groups["gene_correlation"].min() == pytest.approx(1.0)
+    assert groups["direction_cosine"].min() == pytest.approx(1.0)
+    unnamed = pred.copy()
+    del unnamed.obs["basal_index"]
+    assert group_metrics(unnamed, real)["gene_correlation"].min() < 0.999  # the draw's bias counted
+    missing = pred.copy()
+    missing.obs["basal_index"] = missing.obs["basal_index"] + 10**6
+    with pytest.warns(UserWarning, match="basal_index"):
+        fallback = group_metrics(missing, real)
+    np.testing.assert_allclose(fallback["direction_cosine"], group_metrics(unnamed, real)["direction_cosine"])
+
+
 def test_resampled_cells_from_the_right_distribution_are_close(make_pair):
     summary, _ = compute_metrics(*make_pair("resampled"))
     assert summary["cell_distance"] < 0.1

@@ -237,6 +237,14 @@ def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, tmp_path):
     control = (pred.obs["condition"] == "Sham").to_numpy()
     np.testing.assert_array_equal(pred.X[control], real.X[control])  # the same real controls in both files
     assert not np.allclose(pred.X[~control], real.X[~control])
+    # every predicted cell names the real control it was made from: same cell type and day, a control row
+    by_source = real.obs.set_index("source_index")
+    basal = by_source.loc[pred.obs["basal_index"].to_numpy()]
+    assert (basal["condition"] == "Sham").all()
+    np.testing.assert_array_equal(basal["cell_types_simple_short"].astype(str).to_numpy(),
+                                  pred.obs["cell_types_simple_short"].astype(str).to_numpy())
+    np.testing.assert_array_equal(basal["day"].to_numpy(), pred.obs["day"].to_numpy())
+    np.testing.assert_array_equal(pred.obs["basal_index"][control], pred.obs["source_index"][control])
     direct = ad.read_h5ad(predict_run(run_dir, out_dir=tmp_path / "direct", gene_readout="direct")[0])
     assert (direct.X >= 0).all()  # the decoder's own output is non-negative expression
 
