@@ -17,6 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -c "from stlib.adapters.mhc_kernels import compile_kernels; compile_kernels()"  # mHC CPU kernels, ~20 s once
 	@touch $(STAMP)
 
 setup: $(STAMP)
