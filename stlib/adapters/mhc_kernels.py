@@ -322,16 +322,8 @@ def _balance(m, out, n_iters, tol, newton_iters):
             _normalise_many(m, i, True, sums, tol)
     for i in range(n):  # rows exact; then only matrices whose columns are still off need Newton
         _normalise_many(m, i, True, sums, tol)
-    col_err = np.zeros(count)
-    for j in range(n):
-        for t in range(count):
-            sums[t] = 0.0
-        for i in range(n):
-            src = m[i, j]
-            for t in range(count):
-                sums[t] += src[t]
-        for t in range(count):
-            col_err[t] = _nan_max(col_err[t], abs(sums[t] - 1.0))
+    col_err = np.empty(count)
+    _col_errors(m, col_err, sums)
     for i in range(n):
         for j in range(n):
             src = m[i, j]
