@@ -29,7 +29,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work" / "seeds"
 VARIANTS = ("st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity")
-METRICS = ("gene_correlation", "direction_cosine", "emb_direction_cosine", "cell_distance", "mse")
+METRICS = ("gene_correlation", "direction_cosine", "emb_gene_correlation", "emb_direction_cosine", "cell_distance", "mse")
 
 
 def train_and_predict(variant: str, seed: int, max_steps: int | None, extra: list[str], tag: str) -> Path:

@@ -18,7 +18,7 @@ from stlib.config import LoraConfig
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # Always trained in full when present: new coefficients that the base never had.
-ALWAYS_TRAINABLE = ("hyper_connections", "time_encoder")
+ALWAYS_TRAINABLE = ("hyper_connections", "time_encoder", "velocity_displacement")
 
 
 def lora_target_modules(cfg: LoraConfig) -> list[str]:
@@ -91,9 +91,13 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changed: the trainable tensors (adapters, modules_to_save, mHC)."""
+    """Only what training changed: the trainable tensors (adapters, modules_to_save, mHC), and the buffers of
+    modules that train (e.g. a new gene decoder's fitted linear readout)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable}
+    owners = {name.rsplit(".", 1)[0] for name, _ in model.named_buffers()
+              if any(t.startswith(name.rsplit(".", 1)[0] + ".") for t in trainable)}
+    keep = trainable | {name for name, _ in model.named_buffers() if name.rsplit(".", 1)[0] in owners}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:

@@ -391,6 +391,24 @@ class PerturbationDataModule(L.LightningDataModule):
         rows = np.flatnonzero(self.split_labels == "train")
         return np.asarray(genes[rows].mean(axis=0), dtype=np.float64).ravel()
 
+    def train_normal_equations(self, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, int]:
+        """([E 1]^T [E 1], [E 1]^T X, n) over the training cells (float64): a ridge readout of expression X from
+        embedding E, summed in chunks so the expression never has to be dense all at once."""
+        genes = self.store.genes
+        if genes is None:
+            raise DataError("no gene expression here (data.output_space=embedding): nothing to read out")
+        rows = np.flatnonzero(self.split_labels == "train")
+        d = self.store.embed.shape[1]
+        gram, cross = np.zeros((d + 1, d + 1)), np.zeros((d + 1, genes.shape[1]))
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            e = np.c_[self.store.embed[part].astype(np.float64), np.ones(len(part))]
+            x = genes[part]
+            x = x.toarray() if sp.issparse(x) else np.asarray(x)
+            gram += e.T @ e
+            cross += e.T @ x.astype(np.float64)
+        return gram, cross, len(rows)
+
     @property
     def gene_names(self) -> list[str]:
         return list(self.adata.var_names)

@@ -134,7 +134,8 @@ def _residual_genes(model, store, basal_emb: torch.Tensor, basal_rows: np.ndarra
 def _forward(model, batch: dict) -> dict:
     predict = getattr(model, "predict_sets", None)
     args = (batch["basal"], batch["pert"], batch["batch_index"], batch.get("time_index"))
-    return predict(*args) if callable(predict) else model(*args)
+    velocity = batch.get("basal_velocity")
+    return predict(*args, velocity=velocity) if callable(predict) else model(*args, velocity=velocity)
 
 
 def predict_split(
@@ -145,7 +146,8 @@ def predict_split(
     if gene_readout not in GENE_READOUTS:
         raise ValueError(f"gene_readout={gene_readout!r} is not one of {', '.join(GENE_READOUTS)}")
     d = cfg.data
-    dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed)
+    dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed,
+                                need_velocity=cfg.model.velocity_displacement)
     dm.setup("predict")
     groups = [g for g in dm.groups(split) if g.pert != d.control_pert]
     if not groups:

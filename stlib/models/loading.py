@@ -7,6 +7,7 @@ read by :mod:`stlib.models.state_checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,11 @@ def load_stlib_run(run_dir: Path, checkpoint: str | None = None) -> LoadedModel:
     cfg = load_config(run_dir / "config.yaml")
     dims = json.loads((run_dir / DIMS_FILE).read_text())
     ckpt_path = find_checkpoint(run_dir, checkpoint)
-    model = build_model(cfg.model, dims)
     state = load_lightning_state_dict(ckpt_path)
+    if cfg.model.decoder_skip and dims.get("gene_dim") and not any("skip_weight" in k for k in state):
+        # a run from before model.decoder_skip existed (its config.yaml lacks the key): an MLP-only decoder
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder_skip=False))
+    model = build_model(cfg.model, dims)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(

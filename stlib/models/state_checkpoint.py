@@ -204,6 +204,7 @@ def model_config_from_state(kw: dict, gene_decoder: dict | None, embed_key: str 
         if gene_decoder.get("dropout") is not None:
             fields["decoder_dropout"] = gene_decoder["dropout"]
     fields["softplus"] = False  # State's decoder ends in ReLU whatever its `softplus` key says
+    fields["decoder_skip"] = False  # State's decoder is an MLP alone (its weights fix the layout)
     # State clamps predictions at 0 when it has no gene decoder, or when it works in HVG space
     fields["output_relu"] = gene_decoder is None or embed_key in (None, "X_hvg")
     fields["residual_space"] = "hidden"  # State adds the shift to the encoded cell, before project_out

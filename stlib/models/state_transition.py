@@ -24,7 +24,7 @@ import itertools
 import torch
 from torch import nn
 
-from stlib.config import ModelConfig
+from stlib.config import DECODER_FIELDS, ModelConfig
 from stlib.models.backbone import SetTransformer
 
 ACTIVATIONS = {
@@ -63,22 +63,35 @@ class GeneDecoder(nn.Module):
 
     State ends with ReLU whatever its ``softplus`` key says; ``softplus=True`` here is stlib's smoother choice
     for models trained from scratch (``load_state_run`` sets it False).
+
+    ``skip=True`` adds a linear readout beside the MLP (buffers ``skip_weight`` [G, D], ``skip_bias`` [G]), fitted
+    once by least squares on real cells (:meth:`fit_skip`); the MLP then learns only what is not linear. Why: a
+    short fine-tune leaves the MLP's slope poor, and the slope is what turns a predicted *shift* into genes (see
+    ``model.decoder_skip``). The output is then ReLU: a least-squares readout is already on the expression scale.
     """
 
-    def __init__(self, latent_dim: int, gene_dim: int, hidden: list[int], dropout: float, softplus: bool):
+    def __init__(self, latent_dim: int, gene_dim: int, hidden: list[int], dropout: float, softplus: bool,
+                 skip: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         d = latent_dim
         for width in hidden:
             layers += [nn.Linear(d, width), nn.LayerNorm(width), nn.GELU(), nn.Dropout(dropout)]
             d = width
-        layers += [nn.Linear(d, gene_dim), nn.Softplus() if softplus else nn.ReLU()]
+        layers += [nn.Linear(d, gene_dim), nn.Softplus() if softplus and not skip else nn.ReLU()]
         self.decoder = nn.Sequential(*layers)
         self.gene_dim = gene_dim
+        self.skip = skip
+        if skip:
+            self.register_buffer("skip_weight", torch.zeros(gene_dim, latent_dim))
+            self.register_buffer("skip_bias", torch.zeros(gene_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., G]."""
-        return self.decoder(x)
+        if not self.skip:
+            return self.decoder(x)
+        mlp, out = self.decoder[:-1], self.decoder[-1]
+        return out(mlp(x) + nn.functional.linear(x, self.skip_weight, self.skip_bias))
 
     @torch.no_grad()
     def start_at(self, gene_mean: torch.Tensor) -> None:
@@ -91,6 +104,54 @@ class GeneDecoder(nn.Module):
         if mean.shape != last.bias.shape:
             raise ValueError(f"gene_mean has shape {tuple(mean.shape)}, expected ({self.gene_dim},)")
         last.bias.copy_(mean + torch.log(-torch.expm1(-mean)) if isinstance(act, nn.Softplus) else mean)
+
+    @torch.no_grad()
+    def fit_skip(self, gram: torch.Tensor, cross: torch.Tensor, n_cells: int, ridge: float) -> None:
+        """Set the linear readout to the ridge solution and the MLP's last layer to zero (it starts as that readout).
+
+        ``gram`` = [E 1]^T [E 1] ([D+1, D+1]) and ``cross`` = [E 1]^T X ([D+1, G]) over ``n_cells`` cells with
+        embedding E and expression X (see ``PerturbationDataModule.train_normal_equations``); the penalty is
+        ``ridge * n_cells`` on the weights, not the bias.
+        """
+        if not self.skip:
+            raise ValueError("fit_skip needs a decoder built with skip=True (model.decoder_skip)")
+        d = self.skip_weight.shape[1]
+        if gram.shape != (d + 1, d + 1) or cross.shape != (d + 1, self.gene_dim):
+            raise ValueError(f"expected gram [{d + 1}, {d + 1}] and cross [{d + 1}, {self.gene_dim}], got "
+                             f"{tuple(gram.shape)} and {tuple(cross.shape)}")
+        penalty = torch.full((d + 1,), ridge * n_cells, dtype=torch.float64)
+        penalty[-1] = 0.0
+        solution = torch.linalg.solve(gram.double() + torch.diag(penalty), cross.double())  # [D+1, G]
+        self.skip_weight.copy_(solution[:-1].T.to(self.skip_weight))
+        self.skip_bias.copy_(solution[-1].to(self.skip_bias))
+        last = self.decoder[-2]
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+class VelocityDisplacement(nn.Module):
+    """Moves each predicted cell along its basal cell's RNA velocity by a learned gain per perturbation.
+
+    Why: on a cell type never seen in training the network's shift is an interpolation of the training types'
+    shifts, while a cell's own velocity points along its own trajectory, which is where a perturbation that
+    speeds the trajectory up moves it. The gains start at zero (the model's outputs are unchanged) and are read
+    from the perturbation encoding ([..., P] @ gain), so a control's gain is learned like any other.
+    """
+
+    def __init__(self, pert_dim: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(pert_dim))
+
+    def forward(self, pert: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """pert [B, S, P], velocity [B, S, D] -> displacement [B, S, D]."""
+        return (pert.to(self.gain.dtype) @ self.gain).unsqueeze(-1) * velocity
+
+    @torch.no_grad()
+    def extend(self, new_pert_dim: int) -> None:
+        """New perturbation columns get gain 0."""
+        grown = torch.zeros(new_pert_dim, dtype=self.gain.dtype, device=self.gain.device)
+        grown[: self.gain.numel()] = self.gain
+        self.gain = nn.Parameter(grown, requires_grad=self.gain.requires_grad)
 
 
 class ConfidenceToken(nn.Module):
@@ -151,6 +212,13 @@ class StateTransitionModel(nn.Module):
         self.time_encoder = None
         if cfg.time_encoder:
             self.add_time_encoder(n_times)
+        self.velocity_displacement = VelocityDisplacement(pert_dim) if cfg.velocity_displacement else None
+
+    def add_velocity_displacement(self) -> None:
+        """Gains per perturbation for moving cells along their RNA velocity; zero, so outputs are unchanged."""
+        ref = self.pert_encoder[0].weight
+        self.velocity_displacement = VelocityDisplacement(self.pert_dim).to(ref.device, ref.dtype)
+        self.cfg = dataclasses.replace(self.cfg, velocity_displacement=True)
 
     def add_time_encoder(self, n_times: int | None) -> None:
         """A learned embedding per time point, added to every cell; zero-initialised so outputs are unchanged."""
@@ -173,16 +241,18 @@ class StateTransitionModel(nn.Module):
         cfg = cfg or self.cfg
         if cfg is not self.cfg:
             self.cfg = dataclasses.replace(self.cfg, **{f: getattr(cfg, f) for f in
-                                                        ("decoder_hidden", "decoder_dropout", "softplus")})
+                                                        DECODER_FIELDS})
         ref = self.pert_encoder[0].weight
         self.gene_decoder = GeneDecoder(self.input_dim, gene_dim, list(cfg.decoder_hidden), cfg.decoder_dropout,
-                                        cfg.softplus).to(ref.device, ref.dtype)
+                                        cfg.softplus, cfg.decoder_skip).to(ref.device, ref.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
-                time_index: torch.Tensor | None = None, decode: bool = True) -> dict:
+                time_index: torch.Tensor | None = None, decode: bool = True,
+                velocity: torch.Tensor | None = None) -> dict:
         """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long), time_index [B] (long: each set's time
-        point) -> dict(pred, genes, confidence, hidden); genes is None without a decoder or with decode=False."""
+        point), velocity [B, S, D] (the basal cells' RNA velocity; models with model.velocity_displacement)
+        -> dict(pred, genes, confidence, hidden); genes is None without a decoder or with decode=False."""
         if basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(f"expected basal [B, S, D] and pert [B, S, P] with the same B, S; "
                              f"got {tuple(basal.shape)} and {tuple(pert.shape)}")
@@ -211,6 +281,12 @@ class StateTransitionModel(nn.Module):
             pred = self.project_out(h + basal_hidden)  # State: the shift is learned in hidden space
         else:
             pred = self.project_out(h)
+        if self.velocity_displacement is not None:
+            if velocity is None or velocity.shape != basal.shape:
+                raise ValueError("this model moves cells along their RNA velocity (model.velocity_displacement): "
+                                 f"pass velocity with the basal cells' shape {tuple(basal.shape)}, got "
+                                 f"{None if velocity is None else tuple(velocity.shape)}")
+            pred = pred + self.velocity_displacement(pert, velocity.to(pred.dtype))
         if self.cfg.output_relu:
             pred = torch.relu(pred)
         genes = self.gene_decoder(pred) if self.gene_decoder is not None and decode else None
@@ -218,12 +294,12 @@ class StateTransitionModel(nn.Module):
 
     @torch.no_grad()
     def predict_sets(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
-                     time_index: torch.Tensor | None = None) -> dict:
+                     time_index: torch.Tensor | None = None, velocity: torch.Tensor | None = None) -> dict:
         """Inference: eval mode (no dropout), no autograd; the previous train/eval mode is restored."""
         was_training = self.training
         self.eval()
         try:
-            return self.forward(basal, pert, batch_index, time_index)
+            return self.forward(basal, pert, batch_index, time_index, velocity=velocity)
         finally:
             self.train(was_training)
 
@@ -262,4 +338,6 @@ class StateTransitionModel(nn.Module):
         if first.bias is not None:
             grown.bias.requires_grad_(first.bias.requires_grad)
         self.pert_encoder[0] = grown
+        if self.velocity_displacement is not None:
+            self.velocity_displacement.extend(new_pert_dim)
         self.pert_dim = new_pert_dim

@@ -54,7 +54,8 @@ class STLightningModule(L.LightningModule):
     def forward(self, batch: dict) -> dict:
         # decode=False: training reads the decoder out on real cells only (compute_losses); decoding the prediction
         # here would cost a decoder forward per step (~10 % of a step at the anchor configuration) for nothing.
-        return self.model(batch["basal"], batch["pert"], batch.get("batch_index"), batch.get("time_index"), decode=False)
+        return self.model(batch["basal"], batch["pert"], batch.get("batch_index"), batch.get("time_index"), decode=False,
+                          velocity=batch.get("basal_velocity"))
 
     def compute_losses(self, batch: dict, out: dict, step: int) -> dict[str, torch.Tensor]:
         mcfg = self.cfg.model
@@ -151,18 +152,21 @@ class STLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         tcfg = self.cfg.training
-        decay, no_decay = [], []
+        decay, no_decay, gains = [], [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (no_decay if _no_decay(name, param) else decay).append(param)
+                if "velocity_displacement." in name:
+                    gains.append(param)  # see model.velocity_gain_lr_scale
+                else:
+                    (no_decay if _no_decay(name, param) else decay).append(param)
         # torch's fused AdamW: one kernel over all parameters instead of a Python loop over tensors (CPU's
         # default); not under 16-mixed, where Lightning's grad scaler and our clipping need the plain step.
         fused = not str(self.cfg.training.precision).startswith("16") and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tcfg.lr, fused=fused or None,
-        )
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay + gains)
+        groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if gains:
+            groups.append({"params": gains, "weight_decay": 0.0, "lr": tcfg.lr * self.cfg.model.velocity_gain_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(step, tcfg.warmup_steps, max(tcfg.max_steps, 1), tcfg.min_lr_ratio),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stlib.adapters.lora import READOUT, apply_lora, count_parameters, has_readout, save_adapter, trainable_summary
-from stlib.config import Config, ConfigError, save_config
+from stlib.config import DECODER_FIELDS, Config, ConfigError, save_config
 from stlib.data.datamodule import PerturbationDataModule
 from stlib.models.loading import DIMS_FILE, LoadedModel, load_any
 
@@ -35,7 +35,7 @@ ARCHITECTURE_FIELDS = (
     "hidden_dim", "n_layers", "n_heads", "head_dim", "n_kv_heads", "intermediate_size", "n_encoder_layers",
     "n_decoder_layers", "activation", "rms_norm_eps", "predict_residual", "residual_space", "batch_encoder", "confidence_token",
     "decoder_hidden", "decoder_dropout", "attention_dropout", "embed_vocab_size", "output_relu",
-    "final_down_then_up", "softplus",
+    "final_down_then_up", "softplus", "decoder_skip",
 )
 
 
@@ -67,7 +67,6 @@ def extend_pert_map(base_map: dict[str, int], base_control: str | None, data_per
     return mapping, new
 
 
-DECODER_FIELDS = ("decoder_hidden", "decoder_dropout", "softplus")  # the fine-tune's own when the base has no decoder
 
 
 def _inherit_architecture(cfg: Config, base_cfg, base_has_decoder: bool = True) -> Config:
@@ -99,7 +98,8 @@ def prepare_run(cfg: Config) -> PreparedRun:
                                                   cfg.data.control_pert)
 
     dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, cfg.training.batch_size, pert_map=pert_map,
-                                need_velocity=cfg.model.use_velocity_alignment, seed=cfg.training.seed)
+                                need_velocity=cfg.model.use_velocity_alignment or cfg.model.velocity_displacement,
+                                seed=cfg.training.seed)
     dm.setup()
     dims = {"input_dim": dm.input_dim, "pert_dim": dm.pert_dim, "gene_dim": dm.gene_dim, "n_batches": dm.n_batches,
             "time_values": dm.time_values,
@@ -123,13 +123,18 @@ def prepare_run(cfg: Config) -> PreparedRun:
         elif cfg.model.time_encoder:
             log.info("adding a time encoder (zero at start, trained in full) for time points %s", dims["time_values"])
             model.add_time_encoder(len(dims["time_values"] or []))
+        if getattr(model, "velocity_displacement", None) is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, velocity_displacement=True))
+        elif cfg.model.velocity_displacement:
+            log.info("adding velocity displacement gains (zero at start, trained in full)")
+            model.add_velocity_displacement()
         lora = cfg.model.lora
         if lora.enable and dims["gene_dim"] and not base.dims.get("gene_dim") and "gene_decoder" not in lora.modules_to_save:
             log.info("the new gene decoder trains in full beside the adapters (model.lora.modules_to_save)")
             lora = dataclasses.replace(lora, modules_to_save=[*lora.modules_to_save, "gene_decoder"])
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
     if model.gene_decoder is not None and (base is None or not base.dims.get("gene_dim")):
-        model.gene_decoder.start_at(torch.from_numpy(dm.train_gene_mean()))  # a new decoder
+        _start_new_decoder(model.gene_decoder, dm, cfg.model)
     if cfg.model.use_mhc and getattr(model.transformer_backbone, "hyper_connections", None) is None:
         from stlib.adapters.mhc import apply_mhc
 
@@ -137,6 +142,16 @@ def prepare_run(cfg: Config) -> PreparedRun:
     model = apply_lora(model, cfg.model.lora)
     summary = trainable_summary(model)
     return PreparedRun(cfg=cfg, datamodule=dm, model=model, dims=dims, base=base, summary=summary)
+
+
+def _start_new_decoder(decoder: nn.Module, dm: PerturbationDataModule, model_cfg) -> None:
+    """A new decoder starts as the least-squares readout of the training cells (decoder_skip), else at their mean."""
+    if getattr(decoder, "skip", False):
+        gram, cross, n = dm.train_normal_equations()
+        decoder.fit_skip(torch.from_numpy(gram), torch.from_numpy(cross), n, model_cfg.decoder_skip_ridge)
+        log.info("new gene decoder: linear readout fitted by ridge regression on %d training cells", n)
+    else:
+        decoder.start_at(torch.from_numpy(dm.train_gene_mean()))
 
 
 def _model_from_base(base: LoadedModel, dm: PerturbationDataModule, dims: dict, new_perts: list[str],

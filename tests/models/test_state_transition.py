@@ -205,3 +205,34 @@ def test_forward_rejects_mismatched_inputs():
     basal, pert = inputs()
     with pytest.raises(ValueError, match=r"\[B, S, D\]"):
         model(basal, pert[:, :5])
+
+
+def test_velocity_displacement_starts_silent_then_moves_cells_along_their_velocity():
+    plain = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
+    moved = StateTransitionModel(tiny_cfg(velocity_displacement=True), input_dim=D, pert_dim=P)
+    moved.load_state_dict(plain.state_dict(), strict=False)
+    basal, pert = inputs()
+    velocity = torch.randn(B, S, D, generator=torch.Generator().manual_seed(1))
+    before = plain.predict_sets(basal, pert)["pred"]
+    torch.testing.assert_close(moved.predict_sets(basal, pert, velocity=velocity)["pred"], before)  # gains start at 0
+    with torch.no_grad():
+        moved.velocity_displacement.gain.copy_(torch.tensor([0.0, 2.0, -1.0]))
+    gain = (pert @ moved.velocity_displacement.gain).unsqueeze(-1)  # each set's perturbation picks its gain
+    torch.testing.assert_close(moved.predict_sets(basal, pert, velocity=velocity)["pred"], before + gain * velocity)
+    with pytest.raises(ValueError, match="pass velocity with the basal cells' shape"):
+        moved(basal, pert)
+    with pytest.raises(ValueError, match=r"got \(2, 8, 3\)"):
+        moved(basal, pert, velocity=velocity[..., :3])
+
+
+def test_new_perturbations_get_a_zero_velocity_gain():
+    model = StateTransitionModel(tiny_cfg(velocity_displacement=True), input_dim=D, pert_dim=P)
+    with torch.no_grad():
+        model.velocity_displacement.gain.fill_(0.5)
+    model.extend_perturbations(P + 2)
+    torch.testing.assert_close(model.velocity_displacement.gain, torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0]))
+    basal, _ = inputs()
+    new = torch.nn.functional.one_hot(torch.full((B, S), P + 1), P + 2).float()
+    velocity = torch.randn(B, S, D)
+    out = model.predict_sets(basal, new, velocity=velocity)["pred"]
+    torch.testing.assert_close(out, model.predict_sets(basal, new, velocity=torch.zeros_like(velocity))["pred"])

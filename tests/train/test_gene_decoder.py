@@ -12,7 +12,7 @@ from stlib.config import load_config
 from stlib.evaluate.predict import _config_for, predict_run, predict_split
 from stlib.models.loading import load_any, load_lightning_state_dict
 from stlib.models.state_transition import GeneDecoder
-from stlib.train.run import train
+from stlib.train.run import prepare_run, train
 
 WOUND_DATA = ["data.pert_col=condition", "data.control_pert=Sham", "data.cell_type_key=cell_types_simple_short",
               "data.batch_col=mouse_id", "data.time_col=day"]
@@ -37,6 +37,34 @@ def test_a_new_decoder_starts_at_the_mean_expression(softplus):
         decoder.start_at(torch.ones(4))
 
 
+def _normal_equations(embed: np.ndarray, genes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    e = np.c_[embed, np.ones(len(embed))]
+    return torch.from_numpy(e.T @ e), torch.from_numpy(e.T @ genes)
+
+
+def test_the_linear_readout_is_fitted_by_least_squares_and_the_mlp_starts_at_zero():
+    rng = np.random.default_rng(0)
+    embed = rng.normal(size=(300, 6))
+    weight, bias = rng.normal(size=(6, 5)), np.full(5, 20.0)  # expression stays > 0: ReLU never clips it
+    genes = embed @ weight + bias
+    decoder = GeneDecoder(latent_dim=6, gene_dim=5, hidden=[8], dropout=0.0, softplus=True, skip=True)
+    assert isinstance(decoder.decoder[-1], torch.nn.ReLU)  # least squares is on the expression scale already
+    gram, cross = _normal_equations(embed, genes)
+    decoder.fit_skip(gram, cross, len(embed), ridge=0.0)
+    out = decoder(torch.from_numpy(embed).float()).detach().numpy()
+    np.testing.assert_allclose(out, genes, atol=1e-3)
+    assert not decoder.decoder[-2].weight.any() and not decoder.decoder[-2].bias.any()
+
+    decoder.fit_skip(gram, cross, len(embed), ridge=1.0)  # a penalty shrinks the slope, not the level
+    assert decoder.skip_weight.norm() < 0.7 * torch.from_numpy(weight).float().norm()
+    np.testing.assert_allclose(decoder.skip_bias.numpy(), genes.mean(0) - embed.mean(0) @ decoder.skip_weight.T.numpy(),
+                               atol=1e-3)
+    with pytest.raises(ValueError, match=r"expected gram \[7, 7\]"):
+        decoder.fit_skip(gram[:6, :6], cross, len(embed), ridge=0.0)
+    with pytest.raises(ValueError, match="skip=True"):
+        GeneDecoder(6, 5, [8], 0.0, True).fit_skip(gram, cross, len(embed), ridge=0.0)
+
+
 def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(tiny_study, tiny_base):
     assert not load_any(tiny_base).dims["gene_dim"]  # configs/pretrain.yaml trains no decoder
     overrides = tiny_overrides(tiny_study, "new_decoder", "wound_healing.toml", 6) + [
@@ -57,6 +85,38 @@ def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(t
     assert trained == sum(p.numel() for p in decoder.modules_to_save["default"].parameters())  # one copy trains
     assert counts["total"] - counts["total_without_decoder"] == 2 * trained  # beside peft's frozen original
     assert counts["fraction_without_decoder"] < counts["fraction"]  # the adapters' share, not the readout's
+    adapter = torch.load(run_dir / "checkpoints" / "adapter.pt", weights_only=True)
+    assert any(k.endswith("default.skip_weight") for k in adapter)  # the fitted readout travels with the adapter
+
+
+def test_a_new_decoder_starts_as_the_ridge_readout_of_the_training_cells(tiny_study, tiny_base):
+    overrides = tiny_overrides(tiny_study, "ridge_start", "wound_healing.toml", 0) + [
+        f"model.init_from={tiny_base}", "data.output_space=all", "model.decoder_skip_ridge=0.05"]
+    prep = prepare_run(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides))
+    dm = prep.datamodule
+    rows = np.flatnonzero(dm.split_labels == "train")
+    embed, genes = dm.store.embed[rows].astype(np.float64), np.asarray(dm.store.genes[rows].todense(), np.float64)
+    centred = embed - embed.mean(0)  # ridge without penalising the intercept = ridge on centred data
+    slope = np.linalg.solve(centred.T @ centred + 0.05 * len(rows) * np.eye(embed.shape[1]),
+                            centred.T @ (genes - genes.mean(0)))
+    decoder = base_model(prep.model).gene_decoder
+    np.testing.assert_allclose(decoder.skip_weight.numpy(), slope.T, atol=1e-4)
+    expected = np.maximum(embed @ slope + genes.mean(0) - embed.mean(0) @ slope, 0)
+    with torch.no_grad():
+        out = decoder.eval()(torch.from_numpy(embed).float()).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_runs_saved_before_the_linear_readout_still_load(tiny_study, tiny_base):
+    overrides = tiny_overrides(tiny_study, "mlp_only", "wound_healing.toml", 1) + [
+        f"model.init_from={tiny_base}", "data.output_space=all", "model.decoder_skip=false"]
+    run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
+    config = run_dir / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "decoder_skip:" not in line))  # as an older stlib wrote it
+    assert load_config(config).model.decoder_skip  # the default now
+    loaded = load_any(run_dir)
+    assert not base_model(loaded.model).gene_decoder.skip and not loaded.model_cfg.decoder_skip
 
 
 def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, decoder_base):

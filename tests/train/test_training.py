@@ -9,12 +9,14 @@ import pytest
 import torch
 from stlib_testing import REPO, STATE_FIXTURE, tiny_overrides
 
+from stlib.adapters.lora import base_model
 from stlib.config import ConfigError, load_config
 from stlib.data.errors import DataError
+from stlib.evaluate.predict import _config_for, predict_split
 from stlib.evaluate.tensorboard import read_scalars
 from stlib.models.loading import load_any, load_lightning_state_dict
-from stlib.train.module import NonFiniteLossError, warmup_cosine
-from stlib.train.run import extend_pert_map, train
+from stlib.train.module import NonFiniteLossError, STLightningModule, warmup_cosine
+from stlib.train.run import extend_pert_map, prepare_run, train
 
 VARIANTS = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
 
@@ -184,7 +186,8 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
 
 
 FINETUNE_CHOICES = {"blur", "cell_set_len", "decoder_loss_weight", "dropout", "init_from", "lora", "loss", "mhc",
-                    "set_mean_weight", "time_encoder",
+                    "set_mean_weight", "time_encoder", "decoder_skip_ridge", "velocity_displacement",
+                    "velocity_gain_lr_scale",
                     "use_mhc", "use_velocity_alignment", "velocity_beta", "velocity_lambda", "velocity_warmup_steps"}
 
 
@@ -281,3 +284,35 @@ def test_a_time_encoder_is_added_to_the_base_trained_and_used_for_prediction(tin
     assert weights[key].abs().sum() > 0  # started at zero, trained beside the adapters
     pred = ad.read_h5ad(predict_run(run_dir, out_dir=tmp_path)[0])
     assert set(pred.obs["day"].astype(str)) == {"10", "14", "19"}
+
+
+def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_from_velocity(velocity_data, tiny_base):
+    cfg, overrides = finetune_cfg(velocity_data, tiny_base, "st_lora_velocity", steps=6,
+                                  extra=["name=displaced", "model.velocity_gain_lr_scale=50"])
+    assert cfg.model.velocity_displacement  # the velocity variants' configs turn it on
+    prep = prepare_run(cfg)
+    module = STLightningModule(prep.model, prep.cfg)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    gain_group = [g for g in groups if any(p is base_model(prep.model).velocity_displacement.gain for p in g["params"])]
+    assert len(gain_group) == 1 and gain_group[0]["initial_lr"] == pytest.approx(50 * cfg.training.lr)
+    assert gain_group[0]["weight_decay"] == 0.0
+
+    run_dir = train(cfg, overrides)
+    loaded = load_any(run_dir)  # strict: the run's config rebuilds the gains
+    gain = base_model(loaded.model).velocity_displacement.gain.detach()
+    assert gain.abs().max() > 0  # it trained (zero at start, and a LoRA run freezes what it does not adapt)
+    pred, _ = predict_split(loaded, _config_for(loaded, ()))
+    assert pred.n_obs > 0
+
+    import anndata as ad
+
+    path = velocity_data / "data" / "wound_healing.h5ad"
+    no_velocity = ad.read_h5ad(path)
+    for key in [k for k in no_velocity.obsm if k.startswith("velocity_")]:
+        del no_velocity.obsm[key]
+    other = velocity_data / "no_velocity"
+    other.mkdir(exist_ok=True)
+    no_velocity.write_h5ad(other / "wound_healing.h5ad")
+    (other / "wound_healing.toml").write_text((velocity_data / "data" / "wound_healing.toml").read_text())
+    with pytest.raises(DataError, match=r"velocity_X_state.*run `stlib velocity"):
+        predict_split(loaded, _config_for(loaded, [f"data.toml_config_path={other / 'wound_healing.toml'}"]))
