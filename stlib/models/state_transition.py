@@ -214,6 +214,17 @@ class StateTransitionModel(nn.Module):
             self.add_time_encoder(n_times)
         self.velocity_displacement = VelocityDisplacement(pert_dim) if cfg.velocity_displacement else None
 
+    def set_dropout(self, p: float) -> int:
+        """Dropout rate of the encoders, project_out and confidence head (model.dropout) on a built model: a
+        fine-tune's own choice, whatever the base was trained with. Returns how many dropout layers it set (none
+        when those MLPs are single Linear layers)."""
+        modules = [self.pert_encoder, self.basal_encoder, self.project_out, self.confidence_token]
+        layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, nn.Dropout)]
+        for layer in layers:
+            layer.p = p
+        self.cfg = dataclasses.replace(self.cfg, dropout=p)
+        return len(layers)
+
     def add_velocity_displacement(self) -> None:
         """Gains per perturbation for moving cells along their RNA velocity; zero, so outputs are unchanged."""
         ref = self.pert_encoder[0].weight

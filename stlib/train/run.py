@@ -165,6 +165,9 @@ def _model_from_base(base: LoadedModel, dm: PerturbationDataModule, dims: dict, 
             f"data.embed_key gives {dims['input_dim']}-d cells but the base model {base.run_dir} takes "
             f"{base.dims['input_dim']}-d input: use the embedding the base was trained on"
         )
+    if model_cfg.dropout != model.cfg.dropout and not model.set_dropout(model_cfg.dropout):
+        log.info("model.dropout=%s has no layer to act on: this base's encoders and project_out are single Linear "
+                 "layers (n_encoder_layers / n_decoder_layers = 1)", model_cfg.dropout)
     if new_perts:
         log.info("new perturbations (new encoder columns, initialised to the mean of the base's): %s", new_perts)
         model.extend_perturbations(dm.pert_dim)

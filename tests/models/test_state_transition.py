@@ -236,3 +236,12 @@ def test_new_perturbations_get_a_zero_velocity_gain():
     velocity = torch.randn(B, S, D)
     out = model.predict_sets(basal, new, velocity=velocity)["pred"]
     torch.testing.assert_close(out, model.predict_sets(basal, new, velocity=torch.zeros_like(velocity))["pred"])
+
+
+def test_set_dropout_reaches_every_encoder_dropout_and_says_when_there_is_none():
+    deep = StateTransitionModel(tiny_cfg(n_encoder_layers=2, n_decoder_layers=2, confidence_token=True),
+                                input_dim=D, pert_dim=P)
+    assert deep.set_dropout(0.3) == 5  # pert/basal encoder, project_out, two in the confidence head
+    rates = {m.p for name, m in deep.named_modules() if isinstance(m, torch.nn.Dropout) and "gene_decoder" not in name}
+    assert rates == {0.3} and deep.cfg.dropout == 0.3
+    assert StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).set_dropout(0.3) == 0  # single Linear layers

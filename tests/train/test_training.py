@@ -316,3 +316,13 @@ def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_fro
     (other / "wound_healing.toml").write_text((velocity_data / "data" / "wound_healing.toml").read_text())
     with pytest.raises(DataError, match=r"velocity_X_state.*run `stlib velocity"):
         predict_split(loaded, _config_for(loaded, [f"data.toml_config_path={other / 'wound_healing.toml'}"]))
+
+
+def test_a_fine_tune_sets_its_own_dropout_on_the_base(tiny_study):
+    overrides = tiny_overrides(tiny_study, "deep_base", "source_perturbations.toml", 2) + ["model.n_encoder_layers=2"]
+    base = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+    assert load_any(base).model_cfg.dropout == 0.0
+    cfg, _ = finetune_cfg(tiny_study, base, "st_lora", extra=["name=dropout_ft", "model.dropout=0.2"])
+    model = base_model(prepare_run(cfg).model)
+    rates = [m.p for m in model.basal_encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.2] and model.cfg.dropout == 0.2
