@@ -1,7 +1,7 @@
-"""Callbacks: plain-line progress that reads well through `tee`, in a log file and in a notebook.
+"""Callbacks: plain-line progress that reads well through `tee`, and weight averaging at the end of a run.
 
 The tqdm bar redraws one line with carriage returns, which a log file or a notebook cell shows as one
-unreadable line; this prints a short line every few percent of the run instead.
+unreadable line; LineProgress prints a short line every few percent of the run instead.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 
 
 class LineProgress(L.Callback):
@@ -39,3 +40,54 @@ class LineProgress(L.Callback):
         remaining = (trainer.max_steps - step) / max(rate, 1e-9)
         parts.append(f"eta {remaining:.0f}s")
         print("[stlib] " + "  ".join(parts), flush=True)
+
+
+class WeightAverage(L.Callback):
+    """Running mean of the trainable weights over every step from ``start_step`` on; copied into the model when
+    training ends, so final.ckpt (saved after fit) holds the average (training.average_weights_from).
+
+    The mean travels in every checkpoint (Lightning saves callback state), so a resumed run averages exactly the
+    steps an unbroken one does. Frozen weights never change and are not averaged.
+    """
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self.mean: list[torch.Tensor] | None = None
+        self.count = 0
+
+    @staticmethod
+    def _trainable(pl_module) -> list[torch.Tensor]:
+        return [p for p in pl_module.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step <= self.start_step:
+            return
+        params = self._trainable(pl_module)
+        if self.mean is None:
+            self.mean = [p.detach().clone() for p in params]
+            self.count = 1
+            return
+        if self.mean[0].device != params[0].device:  # resumed from a checkpoint: the mean was loaded on CPU
+            self.mean = [m.to(p.device) for m, p in zip(self.mean, params)]
+        self.count += 1
+        for mean, p in zip(self.mean, params):
+            mean.add_(p.detach() - mean, alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.mean is None:
+            return
+        for mean, p in zip(self.mean, self._trainable(pl_module)):
+            p.copy_(mean)
+        print(f"[stlib] final weights: the average of the last {self.count} steps (training.average_weights_from)",
+              flush=True)
+
+    def state_dict(self) -> dict:
+        return {"start_step": self.start_step, "count": self.count,
+                "mean": [m.cpu() for m in self.mean] if self.mean is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.count = int(state_dict["count"])
+        mean = state_dict["mean"]
+        self.mean = [m.clone() for m in mean] if mean is not None else None

@@ -226,7 +226,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from stlib.train.callbacks import LineProgress
+    from stlib.train.callbacks import LineProgress, WeightAverage
     from stlib.train.module import STLightningModule
 
     tcfg = cfg.training
@@ -266,6 +266,8 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
                                  every_n_train_steps=tcfg.ckpt_every_n_steps, save_top_k=-1, save_last=True)
     accelerator, devices = _resolve_devices(tcfg)
     callbacks = [checkpoint, LineProgress(), *extra_callbacks]
+    if tcfg.average_weights_from is not None:
+        callbacks.append(WeightAverage(int(tcfg.average_weights_from * tcfg.max_steps)))
     if tcfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, tcfg.log_every_n_steps)))
     trainer = L.Trainer(

@@ -104,13 +104,14 @@ class _CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study):
-    common = tiny_overrides(tiny_study, "unbroken", "source_perturbations.toml", 12) + [
-        "training.ckpt_every_n_steps=4", "model.dropout=0.1"]
+@pytest.mark.parametrize("average", ["null", "0.25"])  # 0.25: the weight average starts at step 3, before the crash
+def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study, average):
+    common = tiny_overrides(tiny_study, f"unbroken{average}", "source_perturbations.toml", 12) + [
+        "training.ckpt_every_n_steps=4", "model.dropout=0.1", f"training.average_weights_from={average}"]
     cfg = load_config(REPO / "configs" / "pretrain.yaml", common)
     unbroken = train(cfg, common)
 
-    broken_overrides = [*common, "name=broken"]
+    broken_overrides = [*common, f"name=broken{average}"]
     cfg_b = load_config(REPO / "configs" / "pretrain.yaml", broken_overrides)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg_b, broken_overrides, extra_callbacks=[_CrashAt(6)])
@@ -124,6 +125,32 @@ def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     steps = read_scalars(resumed)
     assert steps[steps.tag == "train/loss"].step.max() >= 11
+
+
+class _RecordWeights(L.Callback):
+    def __init__(self):
+        self.after_step = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+
+
+def test_final_weights_are_the_average_of_the_steps_from_average_weights_from(tiny_study):
+    overrides = tiny_overrides(tiny_study, "averaged", "source_perturbations.toml", 8) + [
+        "training.average_weights_from=0.5"]
+    record = _RecordWeights()
+    run_dir = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides, extra_callbacks=[record])
+    expected = [torch.stack(ws).mean(0) for ws in zip(*(record.after_step[k] for k in (5, 6, 7, 8)))]
+    loaded = load_any(run_dir)
+    final = [p for p in loaded.model.parameters() if p.requires_grad]
+    assert len(final) == len(expected)
+    for got, want in zip(final, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    last = load_lightning_state_dict(run_dir / "checkpoints" / "last.ckpt")  # the raw weights of step 8
+    assert not all(torch.equal(a, b) for a, b in zip(last.values(), load_lightning_state_dict(
+        run_dir / "checkpoints" / "final.ckpt").values()))
+    with pytest.raises(ConfigError, match=r"training.average_weights_from must be in \[0, 1\)"):
+        load_config(REPO / "configs" / "pretrain.yaml", ["training.average_weights_from=1.5"])
 
 
 class _PoisonAt(L.Callback):
