@@ -49,6 +49,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from stlib.data.io import write_h5ad
+
 TARGET_SUM = 1e4  # normalize_total target before log1p, in the embedding and the log1p layer
 EMBED_KEY = "X_state"
 TRUE_VELOCITY_KEY = f"true_velocity_{EMBED_KEY}"
@@ -595,8 +597,8 @@ def write_default_data(
         "source_perturbations_toml": out / "source_perturbations.toml",
     }
     np.savez(paths["embedding_map"], **emap)
-    wound.adata.write_h5ad(paths["wound_healing"])
-    source.adata.write_h5ad(paths["source_perturbations"])
+    write_h5ad(wound.adata, paths["wound_healing"])
+    write_h5ad(source.adata, paths["source_perturbations"])
     write_state_toml(
         paths["wound_healing_toml"],
         datasets={"wound_healing": paths["wound_healing"].name},

@@ -39,6 +39,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from stlib.data.io import write_h5ad
+
 PIPELINE_VERSION = "1"  # bump when the computation changes: invalidates cached files
 _TMP_BASIS = "stlib_velocity_basis"
 UNS_KEY = "stlib_velocity"
@@ -224,6 +226,6 @@ def run_velocity(
     compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    adata.write_h5ad(tmp)
+    write_h5ad(adata, tmp)
     os.replace(tmp, out_path)  # a crash mid-write never leaves a file the cache would trust
     return out_path

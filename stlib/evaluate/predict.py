@@ -34,6 +34,7 @@ import torch
 from stlib.adapters.lora import base_model
 from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
+from stlib.data.io import write_h5ad
 from stlib.evaluate.layout import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
 from stlib.models.loading import LoadedModel, load_any
 
@@ -249,6 +250,6 @@ def predict_run(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, real_path = out / f"{name}_pred.h5ad", out / f"{name}_real.h5ad"
-    pred.write_h5ad(pred_path)
-    real.write_h5ad(real_path)
+    write_h5ad(pred, pred_path)
+    write_h5ad(real, real_path)
     return pred_path, real_path
