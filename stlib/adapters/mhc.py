@@ -255,10 +255,20 @@ class _BranchRead(torch.autograd.Function):
     (x phi) / rms(x); H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn. The eager graph of those ~25 ops
     costs more than their arithmetic; here the forward is one matmul, one batched [H_pre; H_res] x product and
     the projection, and the backward two matmuls, two batched products and one Laplacian solve.
+
+    It runs with autocast off, in the streams' dtype (the coefficients', see streams()): under bf16-mixed its
+    products would come out bf16 while the stream it saves stays float32, and the hand-written backward cannot
+    mix the two (it failed on a GPU); coefficients and Sinkhorn want the precision anyway. The branches
+    themselves still run under autocast.
     """
 
     @staticmethod
     def forward(ctx, x, phi, bias, alpha, group, n_iters, tol, newton_iters, eps):
+        with torch.autocast(x.device.type, enabled=False):  # see the class docstring
+            return _BranchRead._forward(ctx, x, phi, bias, alpha, group, n_iters, tol, newton_iters, eps)
+
+    @staticmethod
+    def _forward(ctx, x, phi, bias, alpha, group, n_iters, tol, newton_iters, eps):
         n, k, d = x.shape
         flat = x.reshape(n, k * d)
         t = flat @ phi  # [N, M]
@@ -313,7 +323,8 @@ class _BranchReadFused(torch.autograd.Function):
         n, k, d = x.shape
         x = x.contiguous()
         flat = x.view(n, k * d)
-        t_rows = torch.mm(phi.T, flat.T)  # (x phi)^T [M, N]: this orientation is the faster matmul on CPU
+        with torch.autocast(x.device.type, enabled=False):  # see _BranchRead
+            t_rows = torch.mm(phi.T, flat.T)  # (x phi)^T [M, N]: this orientation is the faster matmul on CPU
         gate = alpha[group]
         inp, mixed, gates, p, r = mhc_kernels.branch_read_forward(
             x.detach().numpy(), t_rows.detach().numpy(), bias.detach().numpy(), gate.detach().numpy(),
@@ -347,6 +358,7 @@ class _StreamWriteFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mixed, post, y):
+        y = y.to(mixed.dtype)  # a branch under bf16 autocast returns bf16; the streams stay in their own dtype
         ctx.save_for_backward(post, y)
         # mixed itself (not a contiguous copy) must receive the write; post and y may be copied
         mhc_kernels.stream_write(mixed.detach().numpy(), post.detach().contiguous().numpy(),
@@ -455,7 +467,9 @@ class ManifoldHyperConnections(nn.Module):
         if d != self.dim:
             raise MHCError(f"ManifoldHyperConnections was built for hidden size {self.dim}, got input width {d}")
         n, k = b * s, self.n_streams
-        x = h.reshape(n, 1, d).expand(n, k, d).contiguous()  # [N, K, D]: K identical copies
+        # [N, K, D]: K identical copies, in the coefficients' dtype: under bf16 autocast the encoders hand over
+        # bf16, and the streams are the residual path that mixed precision keeps in float32
+        x = h.reshape(n, 1, d).expand(n, k, d).to(self.phi.dtype).contiguous()
         self._last_res = []
         args = (self.group, self.sinkhorn_iters, self.sinkhorn_tol, NEWTON_ITERS, self.eps)
         fused = _use_fused(self.kernel, x.device, x.dtype)

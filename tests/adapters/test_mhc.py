@@ -356,3 +356,32 @@ def test_state_transition_model_identity_at_init():
     basal, pert = torch.randn(2, 8, 12), torch.eye(5)[torch.randint(0, 5, (2, 8))]
     out_plain, out_wrapped = plain(basal, pert), wrapped(basal, pert)
     torch.testing.assert_close(out_wrapped["pred"], out_plain["pred"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("stream_dtype", [torch.float32, torch.bfloat16])  # autocast encoders hand over bf16
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_trains_under_bf16_autocast_like_fp32(kernel, stream_dtype):
+    """training.precision=bf16-mixed: the branches run in bf16, mHC's coefficient path stays in float32.
+
+    Found on a GPU: the branch read's saved stream was float32 while autocast made its outputs bf16, and the
+    backward's first product failed ("expected scalar type BFloat16 but found Float"). CPU autocast shows the same.
+    """
+    torch.manual_seed(3)
+    backbone = ToyBackbone(d=32)
+    branches = backbone.branches()
+    h = torch.randn(3, 7, 32)
+    mhc = ManifoldHyperConnections(32, 4, n_streams=4, kernel=kernel)
+    with torch.no_grad():
+        mhc.phi.normal_(0, 0.3)
+    results = []
+    for autocast in (False, True):
+        x = (h.to(stream_dtype) if autocast else h).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = mhc(x, branches)
+            loss = out.float().square().mean()
+        results.append([out.float(), *(g.float() for g in torch.autograd.grad(loss, [x, mhc.phi, mhc.alpha,
+                                                                                   mhc.bias]))])
+        assert out.dtype == torch.float32  # from the first branch read on, the streams are float32
+    for name, fp32, bf16 in zip(["out", "x", "phi", "alpha", "bias"], *results):
+        assert torch.isfinite(bf16).all(), name
+        torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05, msg=f"{name}: bf16 autocast far from fp32")
