@@ -96,6 +96,8 @@ def prepare_run(cfg: Config) -> PreparedRun:
         if cfg.data.perturbation_features_file is None:
             pert_map, new_perts = extend_pert_map(base.pert_map, base.control_pert, _data_perturbations(cfg),
                                                   cfg.data.control_pert)
+        if base.model_cfg.velocity_displacement:  # a base that moves cells along velocity keeps doing so
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, velocity_displacement=True))
 
     dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, cfg.training.batch_size, pert_map=pert_map,
                                 need_velocity=cfg.model.use_velocity_alignment or cfg.model.velocity_displacement,
@@ -123,9 +125,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
         elif cfg.model.time_encoder:
             log.info("adding a time encoder (zero at start, trained in full) for time points %s", dims["time_values"])
             model.add_time_encoder(len(dims["time_values"] or []))
-        if getattr(model, "velocity_displacement", None) is not None:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, velocity_displacement=True))
-        elif cfg.model.velocity_displacement:
+        if cfg.model.velocity_displacement and getattr(model, "velocity_displacement", None) is None:
             log.info("adding velocity displacement gains (zero at start, trained in full)")
             model.add_velocity_displacement()
         lora = cfg.model.lora

@@ -331,6 +331,12 @@ def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_fro
     pred, _ = predict_split(loaded, _config_for(loaded, ()))
     assert pred.n_obs > 0
 
+    again, _ = finetune_cfg(velocity_data, run_dir, "st_lora", extra=["name=from_displaced"])
+    assert not again.model.velocity_displacement  # st_lora does not ask for it, but its base has it
+    prep = prepare_run(again)
+    assert prep.cfg.model.velocity_displacement and prep.datamodule.store.velocity is not None
+    torch.testing.assert_close(base_model(prep.model).velocity_displacement.gain.detach(), gain)
+
     import anndata as ad
 
     path = velocity_data / "data" / "wound_healing.h5ad"
