@@ -94,9 +94,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changed: the trainable tensors (adapters, modules_to_save, mHC), and the buffers of
     modules that train (e.g. a new gene decoder's fitted linear readout)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    owners = {name.rsplit(".", 1)[0] for name, _ in model.named_buffers()
-              if any(t.startswith(name.rsplit(".", 1)[0] + ".") for t in trainable)}
-    keep = trainable | {name for name, _ in model.named_buffers() if name.rsplit(".", 1)[0] in owners}
+
+    def trains(module: str) -> bool:
+        return any(t.startswith(module + ".") for t in trainable)
+
+    keep = trainable | {name for name, _ in model.named_buffers() if trains(name.rsplit(".", 1)[0])}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
 
 

@@ -212,7 +212,9 @@ class StateTransitionModel(nn.Module):
         self.time_encoder = None
         if cfg.time_encoder:
             self.add_time_encoder(n_times)
-        self.velocity_displacement = VelocityDisplacement(pert_dim) if cfg.velocity_displacement else None
+        self.velocity_displacement = None
+        if cfg.velocity_displacement:
+            self.add_velocity_displacement()
 
     def set_dropout(self, p: float) -> int:
         """Dropout rate of the encoders, project_out and confidence head (model.dropout) on a built model: a

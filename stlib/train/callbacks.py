@@ -84,8 +84,7 @@ class WeightAverage(L.Callback):
               flush=True)
 
     def state_dict(self) -> dict:
-        return {"start_step": self.start_step, "count": self.count,
-                "mean": [m.cpu() for m in self.mean] if self.mean is not None else None}
+        return {"count": self.count, "mean": [m.cpu() for m in self.mean] if self.mean is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.count = int(state_dict["count"])

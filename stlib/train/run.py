@@ -67,8 +67,6 @@ def extend_pert_map(base_map: dict[str, int], base_control: str | None, data_per
     return mapping, new
 
 
-
-
 def _inherit_architecture(cfg: Config, base_cfg, base_has_decoder: bool = True) -> Config:
     fields = [f for f in ARCHITECTURE_FIELDS if base_has_decoder or f not in DECODER_FIELDS]
     changed = {f: getattr(base_cfg, f) for f in fields if getattr(cfg.model, f) != getattr(base_cfg, f)}
