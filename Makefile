@@ -5,7 +5,6 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 STEPS ?=
 BIN := $(VENV)/bin
-export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.stlib-installed
 
 .PHONY: setup demo test bench lint clean-results

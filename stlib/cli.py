@@ -1,6 +1,7 @@
 """`stlib <command> [options] [key=value ...]` — the command line (State's grammar: dot-list overrides).
 
-Bad input ends with one line on stderr naming the problem and exit code 2; `--debug` shows the traceback.
+Bad input (a :class:`stlib.errors.StlibError`) ends with one line on stderr naming the problem and exit code 2;
+`--debug` shows its traceback. Any other exception is a bug: its traceback is shown with a request to report it.
 Heavy imports happen inside each command so `stlib --help` is instant.
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
+
+from stlib.errors import StlibError
 
 DEFAULT_PRETRAIN_CONFIG = "configs/pretrain.yaml"
 
@@ -147,18 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that mean "your input is wrong": one line, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, KeyError]
-    try:
-        from stlib.train.module import NonFiniteLossError
-
-        errors.append(NonFiniteLossError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -170,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     stlib_log.propagate = False
     try:
         args.func(args)
-    except _user_errors() as exc:
+    except StlibError as exc:  # the user's input: one line, no traceback
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"stlib {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - anything else is a bug in stlib: show where, and ask for a report
+        traceback.print_exc()
+        print(f"stlib {args.command}: this looks like a bug in stlib, not a problem with your input; please report it "
+              "with the traceback above and the command you ran", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Typed experiment configuration: dataclasses + YAML files + dot-list overrides.
+"""Typed experiment configuration: one dataclass per group, YAML files and dot-list overrides.
 
-One dataclass per group (data, model, lora, mhc, training), nested in :class:`Config`. YAML files in
-``configs/`` are merged onto these defaults and ``key.sub=value`` overrides go on top, so the study
-plan's command lines (``training.max_steps=400 model.hidden_dim=256``) work as written. A key that
-does not exist fails loudly with a suggestion, before any data is read.
+Groups: ``data``, ``model`` (the architecture), ``loss``, ``decoder``, ``velocity``, ``lora``, ``mhc``,
+``training``. YAML files in ``configs/`` are merged onto these defaults and ``key.sub=value`` overrides go on
+top, so the study plan's command lines (``training.max_steps=400 model.hidden_dim=256``) work as written. A
+key that does not exist fails loudly with a suggestion, before any data is read.
 
-State's own spellings (``data.kwargs.embed_key``, ``model.kwargs.hidden_dim``) are accepted as aliases.
+Older spellings are accepted as aliases: State's (``data.kwargs.embed_key``, ``model.kwargs.hidden_dim``) and
+stlib's flat ones from before the groups (``model.use_mhc``, ``model.lora.r``, ``model.velocity_lambda``), so
+old run dirs and the study plan's configs still load.
 """
 
 from __future__ import annotations
@@ -20,80 +22,57 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from stlib.constants import VELOCITY_CONFIDENCE_KEY, velocity_key
+from stlib.errors import ConfigError
+
 OUTPUT_SPACES = ("embedding", "gene", "all")
 LOSSES = ("energy", "sinkhorn", "mse")
 MHC_KERNELS = ("auto", "numba", "torch")  # as stlib.adapters.mhc.KERNELS (that module does not import config)
 RESIDUAL_SPACES = ("input", "hidden")
 SMALL_GROUP_POLICIES = ("replace", "error")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
+# data keys without a sensible default: they name the user's own columns and files
+REQUIRED_DATA_KEYS = ("toml_config_path", "embed_key", "pert_col", "control_pert", "cell_type_key")
 
 
 @dataclass
 class DataConfig:
-    toml_config_path: str = "data/wound_healing.toml"  # State-style TOML: [datasets] [training] [zeroshot] [fewshot]
-    embed_key: str = "X_state"  # obsm key of the cell embedding the model works in, or "X"
-    pert_col: str = "condition"  # obs column naming each cell's perturbation
-    control_pert: str = "Sham"  # value of pert_col for control (basal) cells
-    cell_type_key: str = "cell_types_simple_short"  # obs column; a constant column works for one cell line
-    batch_col: str | None = "mouse_id"  # obs column for batches (mice, plates); null = off
-    time_col: str | None = "day"  # obs column with time points, kept in predictions; null = off
+    toml_config_path: str | None = None  # State-style TOML: [datasets] [training] [zeroshot] [fewshot]; required
+    embed_key: str | None = None  # obsm key of the cell embedding the model works in, or "X"; required
+    pert_col: str | None = None  # obs column naming each cell's perturbation; required
+    control_pert: str | None = None  # value of pert_col for control (basal) cells; required
+    cell_type_key: str | None = None  # obs column with cell types (a constant column works for one cell line)
+    batch_col: str | None = None  # obs column for batches (mice, plates); null = off
+    time_col: str | None = None  # obs column with time points, kept in predictions; null = off
     output_space: str = "embedding"  # embedding | gene | all: "gene"/"all" add a gene decoder
-    gene_layer: str | None = "log1p"  # layer with log-normalised expression for the decoder; null = X
+    gene_layer: str | None = None  # layer with log-normalised expression for the decoder; null = X
     velocity_key: str | None = None  # obsm key of velocity in the model's space; null = velocity_<embed_key>
-    velocity_confidence_key: str = "velocity_confidence"  # obs column weighting the velocity loss
+    velocity_confidence_key: str = VELOCITY_CONFIDENCE_KEY  # obs column weighting the velocity loss
     perturbation_features_file: str | None = None  # .pt dict {name: vector}; null = one-hot
     small_group: str = "replace"  # group smaller than cell_set_len: "replace" samples with replacement, "error"
     sets_per_group: int = 8  # cell sets drawn per (cell type, perturbation, batch) group per validation pass
-    num_workers: int = 0  # DataLoader workers; 0 is fastest for in-memory data
+    num_workers: int = 0  # DataLoader workers; 0 = load in the training process
     seed: int = 0  # seed for the split sampler
 
     def __post_init__(self):
         _check_choice("data.output_space", self.output_space, OUTPUT_SPACES)
         _check_choice("data.small_group", self.small_group, SMALL_GROUP_POLICIES)
 
+    def check_required(self) -> None:
+        """Raise a ConfigError naming every required key left unset (called before data is read)."""
+        missing = [f"data.{k}" for k in REQUIRED_DATA_KEYS if getattr(self, k) in (None, "")]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} must be set: they name your TOML file, obsm embedding and obs "
+                              "columns (see configs/data/wound_healing.yaml for the embedded default's)")
+
     @property
     def resolved_velocity_key(self) -> str:
-        return self.velocity_key or f"velocity_{self.embed_key}"
-
-
-@dataclass
-class LoraConfig:
-    enable: bool = False  # off = the plain model, every weight trainable
-    r: int = 16  # adapter rank
-    alpha: int = 32  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.05  # dropout on the adapter input
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    adapt_mlp: bool = False  # also adapt gate/up/down projections of the transformer MLP
-    # trained in full beside the adapters: what a new experiment needs (its new perturbations); add
-    # "project_out" / "gene_decoder" when the output space differs from the base's
-    modules_to_save: list[str] = field(default_factory=lambda: ["pert_encoder"])
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"model.lora.r must be >= 1, got {self.r} (use model.lora.enable=false to turn LoRA off)")
-
-
-@dataclass
-class MHCConfig:
-    n_streams: int = 4  # residual streams; 1 = plain residual
-    sinkhorn_iters: int = 20  # cap on Sinkhorn-Knopp iterations
-    sinkhorn_tol: float = 1e-6  # stop early when row and column sums are this close to 1
-    alpha_init: float = 0.01  # initial gate on the dynamic (token-dependent) coefficients
-    kernel: str = "auto"  # per-token stream work: auto = compiled numba loops on CPU, torch ops elsewhere; numba | torch
-
-    def __post_init__(self):
-        _check_choice("model.mhc.kernel", self.kernel, MHC_KERNELS)
-        if self.n_streams < 1:
-            raise ConfigError(f"model.mhc.n_streams must be >= 1, got {self.n_streams}")
-        if self.sinkhorn_iters < 1:
-            raise ConfigError(f"model.mhc.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+        return self.velocity_key or velocity_key(self.embed_key)
 
 
 @dataclass
 class ModelConfig:
+    """The architecture: what a checkpoint's weights fit, inherited by a fine-tune from its base."""
+
     hidden_dim: int = 128  # transformer width
     cell_set_len: int = 64  # cells per set ("cell sentence")
     n_layers: int = 4  # transformer blocks
@@ -102,60 +81,25 @@ class ModelConfig:
     n_kv_heads: int | None = None  # key/value heads; null = n_heads
     intermediate_size: int = 512  # transformer MLP width
     n_encoder_layers: int = 1  # Linear layers in the basal/perturbation encoders (State's count); 1 = one Linear
-    dropout: float = 0.0  # dropout in the encoders, project_out and confidence head (attention: attention_dropout)
+    n_decoder_layers: int = 1  # Linear layers in project_out (State: n_decoder_layers); 1 = one Linear
+    activation: str = "gelu"  # activation inside encoder/project_out MLPs with >1 layer
+    dropout: float = 0.0  # dropout in the encoders, project_out and confidence head
+    attention_dropout: float = 0.0  # dropout on attention weights
     rms_norm_eps: float = 1e-6
     predict_residual: bool = True  # predict perturbed = basal + learned shift
-    # where the residual lives: "input" = basal + project_out(h), so cell types never seen in training keep their
-    # identity; "hidden" = State's project_out(h + basal_encoder(basal)) (State checkpoints load with it)
+    # where the residual lives: "input" = basal + project_out(h), so unseen cell types keep their identity;
+    # "hidden" = State's project_out(h + basal_encoder(basal)) (State checkpoints load with it)
     residual_space: str = "input"
     batch_encoder: bool = False  # add a learned batch embedding (needs data.batch_col)
     confidence_token: bool = False  # append a token that predicts the set's loss
-    # add a learned embedding of the group's time point (data.time_col, e.g. day) to every cell: the effect of a
-    # perturbation can then differ by day. Zero at start (a base without it keeps its outputs); needs data.time_col
-    time_encoder: bool = False
-    decoder_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # gene decoder MLP widths
-    decoder_loss_weight: float = 1.0  # weight of the decoder's per-cell MSE (real embedding -> real expression)
-    # -- State architecture details (the model owner's fields; load_state_run fills them from a State run)
-    n_decoder_layers: int = 1  # Linear layers in project_out (State: n_decoder_layers); 1 = one Linear
-    activation: str = "gelu"  # activation inside encoder/project_out MLPs with >1 layer (State: activation)
-    decoder_dropout: float = 0.1  # dropout in the gene decoder MLP (State: decoder_dropout)
-    attention_dropout: float = 0.0  # dropout on attention weights (State: backbone attention_dropout)
-    embed_vocab_size: int = 1  # rows of the unused, frozen token embedding (State's keeps 32000; read from its ckpt)
-    output_relu: bool = False  # clamp predictions at 0 (State does when it has no gene decoder or uses X_hvg)
+    time_encoder: bool = False  # add a learned, zero-initialised embedding of each set's time point (data.time_col)
+    embed_vocab_size: int = 1  # rows of the unused, frozen token embedding (State keeps 32000; read from its ckpt)
+    output_relu: bool = False  # clamp predictions at 0 (State does without a gene decoder or on X_hvg)
     final_down_then_up: bool = False  # State's output_space=all head: residual in input space, then D->D/8->D
-    softplus: bool = True  # Softplus on decoded expression (non-negative); State runs load with ReLU instead
-    # a new gene decoder gets a linear readout beside its MLP, fitted by ridge regression on the training cells, and
-    # ends in ReLU. Why: the readout's slope turns predicted shifts into genes, and a short fine-tune leaves an
-    # MLP's slope poor (the real embedding shift of a held-out cell type decodes to gene corr. 0.71 through the
-    # MLP alone, 0.80 through the linear readout). State decoders load without it
-    decoder_skip: bool = True
-    decoder_skip_ridge: float = 1e-2  # ridge penalty of that readout, per training cell
-    loss: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
-    blur: float = 0.05  # sinkhorn blur (ignored by energy)
-    set_mean_weight: float = 0.0  # + this x mean over D of (predicted set mean - real set mean)^2; 0 = off
     init_from: str | None = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    use_mhc: bool = False  # manifold-constrained hyper-connections around every block
-    mhc: MHCConfig = field(default_factory=MHCConfig)
-    use_velocity_alignment: bool = False  # pull predicted shifts toward RNA velocity
-    velocity_lambda: float = 0.1  # final weight of the velocity loss; 0 = off
-    velocity_beta: float = 1.0  # confidence exponent; 0 weights all cells equally
-    velocity_warmup_steps: int = 1000  # linear ramp of velocity_lambda from 0
-    # move each predicted cell along its basal cell's RNA velocity by a learned gain per perturbation (zero at
-    # start). Needs velocity for training *and* prediction (`stlib velocity`): a held-out cell type's own
-    # trajectory is what the network, trained on other types, cannot know
-    velocity_displacement: bool = False
-    # the gains' learning rate = training.lr x this. Why: an Adam step moves a parameter by ~lr whatever its
-    # gradient, and a gain must travel ~2-4 where network weights move ~0.01 (measured, 300 steps at lr 5e-3:
-    # x1 -> gain 0.6, emb. corr 0.83; x10 -> 3.6, 0.89; x20 -> 4.1, 0.89)
-    velocity_gain_lr_scale: float = 20.0
 
     def __post_init__(self):
-        _check_choice("model.loss", self.loss, LOSSES)
-        if self.set_mean_weight < 0:
-            raise ConfigError(f"model.set_mean_weight must be >= 0, got {self.set_mean_weight}")
         _check_choice("model.residual_space", self.residual_space, RESIDUAL_SPACES)
-        heads_dim = self.head_dim or self.hidden_dim // self.n_heads
         if self.head_dim is None and self.hidden_dim % self.n_heads:
             raise ConfigError(
                 f"model.hidden_dim={self.hidden_dim} is not divisible by model.n_heads={self.n_heads}; "
@@ -164,14 +108,8 @@ class ModelConfig:
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
-        if heads_dim < 1:
+        if self.resolved_head_dim < 1:
             raise ConfigError("model.head_dim must be >= 1")
-        if self.velocity_lambda < 0:
-            raise ConfigError(f"model.velocity_lambda must be >= 0, got {self.velocity_lambda}")
-        if self.velocity_gain_lr_scale <= 0:
-            raise ConfigError(f"model.velocity_gain_lr_scale must be > 0, got {self.velocity_gain_lr_scale}")
-        if self.decoder_skip_ridge < 0:
-            raise ConfigError(f"model.decoder_skip_ridge must be >= 0, got {self.decoder_skip_ridge}")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -182,8 +120,98 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
 
-# the gene decoder's own architecture fields: a new decoder takes them from the fine-tune's config
-DECODER_FIELDS = ("decoder_hidden", "decoder_dropout", "softplus", "decoder_skip")
+# Fields of ModelConfig a fine-tune inherits from its base (the weights only fit that shape); the rest are the
+# fine-tune's own: where it starts, its set size, its dropout, and whether it adds a time encoder.
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                            if f.name not in ("init_from", "cell_set_len", "dropout", "time_encoder"))
+
+
+@dataclass
+class LossConfig:
+    name: str = "energy"  # energy | sinkhorn | mse, between predicted and real perturbed sets
+    blur: float = 0.05  # sinkhorn blur (ignored by energy)
+    set_mean_weight: float = 0.0  # + this x mean over D of (predicted set mean - real set mean)^2; 0 = off
+
+    def __post_init__(self):
+        _check_choice("loss.name", self.name, LOSSES)
+        if self.set_mean_weight < 0:
+            raise ConfigError(f"loss.set_mean_weight must be >= 0, got {self.set_mean_weight}")
+
+
+@dataclass
+class DecoderConfig:
+    """The gene decoder (data.output_space=gene|all): a readout of expression from predicted cells."""
+
+    hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])  # MLP widths
+    dropout: float = 0.1  # dropout in the MLP
+    loss_weight: float = 1.0  # weight of its per-cell MSE (real embedding -> real expression)
+    softplus: bool = True  # Softplus output (non-negative); State decoders end in ReLU
+    skip: bool = True  # a ridge-fitted linear readout beside the MLP, output ReLU (see docs/design.md)
+    skip_ridge: float = 1e-2  # ridge penalty of that readout, per training cell
+
+    def __post_init__(self):
+        if self.skip_ridge < 0:
+            raise ConfigError(f"decoder.skip_ridge must be >= 0, got {self.skip_ridge}")
+
+
+# Fields of DecoderConfig that shape a decoder's weights: a base's decoder brings its own.
+DECODER_FIELDS = ("hidden", "dropout", "softplus", "skip")
+
+
+@dataclass
+class VelocityConfig:
+    alignment: bool = False  # pull predicted shifts toward the basal cells' RNA velocity (a loss term)
+    loss_weight: float = 0.1  # final weight of the alignment loss (lambda); 0 = no effect
+    beta: float = 1.0  # confidence exponent; 0 weights all cells equally
+    warmup_steps: int = 1000  # linear ramp of loss_weight from 0
+    # move each predicted cell along its basal cell's velocity by a learned gain per perturbation (zero at start);
+    # needs velocity for training and prediction (`stlib velocity`)
+    displacement: bool = False
+    gain_lr_scale: float = 20.0  # the gains' learning rate = training.lr x this (a gain travels far; see docs/)
+
+    def __post_init__(self):
+        if self.loss_weight < 0:
+            raise ConfigError(f"velocity.loss_weight must be >= 0, got {self.loss_weight}")
+        if self.gain_lr_scale <= 0:
+            raise ConfigError(f"velocity.gain_lr_scale must be > 0, got {self.gain_lr_scale}")
+
+    @property
+    def needs_velocity(self) -> bool:
+        """Whether training and prediction read the cells' velocity from the data."""
+        return self.alignment or self.displacement
+
+
+@dataclass
+class LoraConfig:
+    enable: bool = False  # off = the plain model, every weight trainable
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    adapt_mlp: bool = False  # also adapt gate/up/down projections of the transformer MLP
+    # trained in full beside the adapters: what a new experiment needs (its new perturbations)
+    modules_to_save: list[str] = field(default_factory=lambda: ["pert_encoder"])
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r} (use lora.enable=false to turn LoRA off)")
+
+
+@dataclass
+class MHCConfig:
+    enable: bool = False  # manifold-constrained hyper-connections around every residual branch
+    n_streams: int = 4  # residual streams; 1 = plain residual
+    sinkhorn_iters: int = 20  # cap on Sinkhorn-Knopp iterations
+    sinkhorn_tol: float = 1e-6  # stop early when row and column sums are this close to 1
+    alpha_init: float = 0.01  # initial gate on the dynamic (token-dependent) coefficients
+    kernel: str = "auto"  # per-token stream work: auto = compiled loops on CPU, torch ops elsewhere; numba | torch
+
+    def __post_init__(self):
+        _check_choice("mhc.kernel", self.kernel, MHC_KERNELS)
+        if self.n_streams < 1:
+            raise ConfigError(f"mhc.n_streams must be >= 1, got {self.n_streams}")
+        if self.sinkhorn_iters < 1:
+            raise ConfigError(f"mhc.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 
 
 @dataclass
@@ -222,6 +250,11 @@ class Config:
     output_dir: str = "results/runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    velocity: VelocityConfig = field(default_factory=VelocityConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @property
@@ -231,10 +264,29 @@ class Config:
 
 # --------------------------------------------------------------------------------------------- loading
 
-# State's config nests options under `kwargs`; State also calls the backbone options differently.
-_STATE_ALIASES = {
+# Older spellings -> current keys, tried in order: State nests options under `kwargs`, and stlib's configs
+# before the groups kept losses, decoder, velocity, LoRA and mHC under `model`. A prefix ends in ".".
+_ALIASES = {
     "data.kwargs.": "data.",
     "model.kwargs.": "model.",
+    "model.lora.": "lora.",
+    "model.mhc.": "mhc.",
+    "model.use_mhc": "mhc.enable",
+    "model.loss": "loss.name",
+    "model.blur": "loss.blur",
+    "model.set_mean_weight": "loss.set_mean_weight",
+    "model.decoder_hidden": "decoder.hidden",
+    "model.decoder_dropout": "decoder.dropout",
+    "model.decoder_loss_weight": "decoder.loss_weight",
+    "model.softplus": "decoder.softplus",
+    "model.decoder_skip_ridge": "decoder.skip_ridge",
+    "model.decoder_skip": "decoder.skip",
+    "model.use_velocity_alignment": "velocity.alignment",
+    "model.velocity_lambda": "velocity.loss_weight",
+    "model.velocity_beta": "velocity.beta",
+    "model.velocity_warmup_steps": "velocity.warmup_steps",
+    "model.velocity_displacement": "velocity.displacement",
+    "model.velocity_gain_lr_scale": "velocity.gain_lr_scale",
 }
 
 
@@ -244,9 +296,9 @@ def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _dealias(key: str) -> str:
-    for old, new in _STATE_ALIASES.items():
-        if key.startswith(old):
-            return new + key[len(old):]
+    for old, new in _ALIASES.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            key = new + key[len(old):]
     return key
 
 
@@ -265,7 +317,7 @@ def _known_keys() -> list[str]:
     return out
 
 
-def _unknown_key_error(key: str) -> ConfigError:
+def _unknown_key_error(key: str, written: str | None = None) -> ConfigError:
     known = _known_keys()
     guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not guess:  # a typo in the last part only: compare leaves within the same group
@@ -274,7 +326,8 @@ def _unknown_key_error(key: str) -> ConfigError:
         leaf_guess = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
         guess = [f"{group}.{leaf_guess[0]}"] if leaf_guess else []
     hint = f" — did you mean `{guess[0]}`?" if guess else ""
-    return ConfigError(f"unknown config key `{key}`{hint}")
+    read_as = f" (read as `{key}`)" if written and written != key else ""
+    return ConfigError(f"unknown config key `{written or key}`{read_as}{hint}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -289,10 +342,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _apply(base, flat: dict[str, Any], source: str):
-    for key, value in flat.items():
-        key = _dealias(key)
-        if key not in _known_keys():
-            err = _unknown_key_error(key)
+    known = _known_keys()
+    for written, value in flat.items():
+        key = _dealias(written)
+        if key not in known:
+            err = _unknown_key_error(key, written)
             raise ConfigError(f"{err} (in {source})")
         try:
             OmegaConf.update(base, key, value, merge=True)

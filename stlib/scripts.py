@@ -23,11 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from stlib.config import load_config, parse_overrides
-
-VARIANT_ORDER = ("baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity")
+from stlib.constants import VARIANTS
+from stlib.errors import ConfigError
 
 _FIND_STLIB = """\
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # spinning OpenMP threads stall on a busy machine
 # Use the repository's virtual environment when there is one; STLIB=... overrides.
 if [ -z "${STLIB:-}" ]; then
   if [ -x .venv/bin/stlib ]; then STLIB=.venv/bin/stlib; else STLIB=stlib; fi
@@ -48,8 +47,8 @@ def discover_variants(configs_dir: str | Path = "configs/variants") -> list[str]
     """Variants = YAML files in configs_dir, in the study's order first."""
     names = [p.stem for p in sorted(Path(configs_dir).glob("*.yaml"))]
     if not names:
-        raise FileNotFoundError(f"no variant configs (*.yaml) in {configs_dir}")
-    return [v for v in VARIANT_ORDER if v in names] + [v for v in names if v not in VARIANT_ORDER]
+        raise ConfigError(f"no variant configs (*.yaml) in {configs_dir}")
+    return [v for v in VARIANTS if v in names] + [v for v in names if v not in VARIANTS]
 
 
 def overrides_for(config_path: Path, overrides: Sequence[str]) -> list[str]:
@@ -98,7 +97,7 @@ def plan_scripts(variants: Iterable[str] | None = None, out_dir: str | Path = "t
     for variant in variants:
         config = configs_dir / f"{variant}.yaml"
         if not (root / config).is_file():
-            raise FileNotFoundError(f"variant {variant!r}: no config {config} (have: "
+            raise ConfigError(f"variant {variant!r}: no config {config} (have: "
                                     f"{', '.join(discover_variants(root / configs_dir))})")
         own = overrides_for(root / config, overrides)
         cfg = load_config(root / config, own)  # validates every override now, before anything runs

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stlib.errors import ConfigError
+
 MARKER = Path("configs") / "variants"
 
 
@@ -22,7 +24,7 @@ def find_repo_root(start: str | Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / MARKER).is_dir():
             return folder
-    raise FileNotFoundError(f"no {MARKER} above {here}: run from inside the stlib repository")
+    raise ConfigError(f"no {MARKER} above {here}: run from inside the stlib repository")
 
 
 def training_overrides(data_toml: str | None = None, base_checkpoint: str | None = None,

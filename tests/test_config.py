@@ -20,9 +20,9 @@ def test_every_shipped_config_loads(path):
 def test_variant_grid(variant):
     cfg = load_config(REPO / "configs" / "variants" / f"{variant}.yaml")
     assert cfg.name == variant
-    assert cfg.model.lora.enable == (variant != "baseline")
-    assert cfg.model.use_mhc == ("mhc" in variant)
-    assert cfg.model.use_velocity_alignment == ("velocity" in variant)
+    assert cfg.lora.enable == (variant != "baseline")
+    assert cfg.mhc.enable == ("mhc" in variant)
+    assert cfg.velocity.alignment == ("velocity" in variant)
     assert (cfg.training.max_steps == 0) == (variant == "baseline")
     # inherited from configs/finetune.yaml: the study plan's keys
     assert (cfg.data.pert_col, cfg.data.control_pert, cfg.data.batch_col) == ("condition", "Sham", "mouse_id")
@@ -32,8 +32,8 @@ def test_study_plan_overrides_apply():
     cfg = load_config(REPO / "configs/variants/st_lora.yaml",
                       ["training.max_steps=400", "model.hidden_dim=256", "model.lora.r=8", "model.mhc.sinkhorn_iters=10",
                        "data.batch_col=null", "training.devices=[0,1]", "name=x"])
-    assert cfg.training.max_steps == 400 and cfg.model.hidden_dim == 256 and cfg.model.lora.r == 8
-    assert cfg.model.mhc.sinkhorn_iters == 10 and cfg.data.batch_col is None
+    assert cfg.training.max_steps == 400 and cfg.model.hidden_dim == 256 and cfg.lora.r == 8
+    assert cfg.mhc.sinkhorn_iters == 10 and cfg.data.batch_col is None
     assert cfg.training.devices == [0, 1] and cfg.name == "x"
 
 
@@ -54,10 +54,10 @@ def test_unknown_key_fails_with_suggestion(override, match):
 
 @pytest.mark.parametrize("override, match", [
     ("training.max_steps=abc", r"training\.max_steps"),
-    ("model.loss=wasserstein", r"model\.loss='wasserstein' is not one of energy, sinkhorn, mse"),
+    ("model.loss=wasserstein", r"loss\.name='wasserstein' is not one of energy, sinkhorn, mse"),
     ("data.output_space=genes", r"data\.output_space"),
     ("model.hidden_dim=100", r"not divisible by model\.n_heads=8"),
-    ("model.lora.r=0", r"model\.lora\.r must be >= 1"),
+    ("model.lora.r=0", r"lora\.r must be >= 1"),
     ("training.max_steps", r"must look like key=value"),
 ])
 def test_bad_values_fail_clearly(override, match):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stlib.config import LoraConfig
+from stlib.errors import ConfigError, ModelLoadError
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # Always trained in full when present: new coefficients that the base never had.
@@ -45,7 +46,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ValueError(f"model.lora.target_modules: {missing} not found in the model (it has e.g. q_proj, k_proj, "
+        raise ConfigError(f"lora.target_modules: {missing} not found in the model (it has e.g. q_proj, k_proj, "
                          f"v_proj, o_proj, gate_proj, up_proj, down_proj)")
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -60,34 +61,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         if any(f".{key}." in f".{name}" for key in ALWAYS_TRAINABLE):
             param.requires_grad_(True)
     return peft_model
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The underlying ST model, whether or not it is wrapped by peft."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-READOUT = "gene_decoder"  # a per-cell readout beside the ST model; its size says nothing about the adapters
-
-
-def count_parameters(model: nn.Module, without: str | None = None) -> tuple[int, int]:
-    """(trainable, total) parameter counts; ``without``: skip parameters under modules of that name."""
-    params = [p for name, p in model.named_parameters() if without is None or f".{without}." not in f".{name}"]
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def has_readout(model: nn.Module) -> bool:
-    return getattr(base_model(model), READOUT, None) is not None
-
-
-def trainable_summary(model: nn.Module) -> str:
-    trainable, total = count_parameters(model)
-    text = f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
-    if has_readout(model):
-        t, n = count_parameters(model, without=READOUT)
-        text += f"; without the gene decoder: {t:,} / {n:,} ({100 * t / max(n, 1):.2f}%)"
-    return text
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +88,7 @@ def load_adapter(model: nn.Module, path_or_state: str | Path | dict) -> nn.Modul
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"adapter has tensors this model lacks (was it built with other LoRA/mHC settings?): "
+        raise ModelLoadError(f"adapter has tensors this model lacks (was it built with other LoRA/mHC settings?): "
                          f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     model.load_state_dict(state, strict=False)
     return model

@@ -62,6 +62,7 @@ class SavedMaps:
 
 def read_perturbation_names(data_cfg: DataConfig) -> list[str]:
     """The perturbations in the data, read from obs only (cheap): to build a map before setup()."""
+    data_cfg.check_required()
     split_cfg = load_split_config(data_cfg.toml_config_path)
     names: set[str] = set()
     for dataset in split_cfg.datasets:
@@ -256,6 +257,7 @@ class PerturbationDataModule(L.LightningDataModule):
         super().__init__()
         if cell_set_len < 1 or batch_size < 1:
             raise DataError(f"cell_set_len and batch_size must be >= 1, got {cell_set_len} and {batch_size}")
+        data_cfg.check_required()
         self.data_cfg, self.cell_set_len, self.batch_size = data_cfg, cell_set_len, batch_size
         self.need_velocity, self.seed = need_velocity, seed
         self._given_pert_map = dict(pert_map) if pert_map is not None else None
@@ -383,31 +385,17 @@ class PerturbationDataModule(L.LightningDataModule):
     def gene_dim(self) -> int | None:
         return None if self.store.genes is None else int(self.store.genes.shape[1])
 
-    def train_gene_mean(self) -> np.ndarray | None:
-        """Mean expression [G] of the training cells (None without genes): where a new gene decoder starts."""
-        genes = self.store.genes
-        if genes is None:
-            return None
-        rows = np.flatnonzero(self.split_labels == "train")
-        return np.asarray(genes[rows].mean(axis=0), dtype=np.float64).ravel()
-
-    def train_normal_equations(self, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, int]:
-        """([E 1]^T [E 1], [E 1]^T X, n) over the training cells (float64): a ridge readout of expression X from
-        embedding E, summed in chunks so the expression never has to be dense all at once."""
+    def train_cell_chunks(self, chunk: int = 8192):
+        """(embedding [n, D], dense expression [n, G]) of the training cells, `chunk` cells at a time: what a new
+        gene decoder is fitted on, without densifying a large study's expression at once."""
         genes = self.store.genes
         if genes is None:
             raise DataError("no gene expression here (data.output_space=embedding): nothing to read out")
         rows = np.flatnonzero(self.split_labels == "train")
-        d = self.store.embed.shape[1]
-        gram, cross = np.zeros((d + 1, d + 1)), np.zeros((d + 1, genes.shape[1]))
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
-            e = np.c_[self.store.embed[part].astype(np.float64), np.ones(len(part))]
             x = genes[part]
-            x = x.toarray() if sp.issparse(x) else np.asarray(x)
-            gram += e.T @ e
-            cross += e.T @ x.astype(np.float64)
-        return gram, cross, len(rows)
+            yield self.store.embed[part], (x.toarray() if sp.issparse(x) else np.asarray(x))
 
     @property
     def gene_names(self) -> list[str]:

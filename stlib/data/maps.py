@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PERT_MAP_FILE = "pert_onehot_map.pt"
-CELL_TYPE_MAP_FILE = "cell_type_onehot_map.torch"
-BATCH_MAP_FILE = "batch_onehot_map.torch"
+from stlib.constants import BATCH_MAP_FILE, CELL_TYPE_MAP_FILE, PERT_MAP_FILE
+
+__all__ = ["BATCH_MAP_FILE", "CELL_TYPE_MAP_FILE", "PERT_MAP_FILE"]
 
 
 def _safe_globals() -> list:

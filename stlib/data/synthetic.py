@@ -50,6 +50,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from stlib.data.io import write_h5ad
+from stlib.errors import ConfigError
 
 TARGET_SUM = 1e4  # normalize_total target before log1p, in the embedding and the log1p layer
 EMBED_KEY = "X_state"
@@ -124,7 +125,7 @@ def make_gene_programs(n_genes: int = 1000, seed: int = 0) -> GenePrograms:
     per_type_traj = max(8, n_genes // 25)
     needed = sum(sizes.values()) + n_types * (per_type_marker + per_type_traj)
     if needed > 0.9 * n_genes:
-        raise ValueError(f"n_genes={n_genes} is too small for the gene programs: need at least {int(needed / 0.9) + 1}")
+        raise ConfigError(f"n_genes={n_genes} is too small for the gene programs: need at least {int(needed / 0.9) + 1}")
     order = rng.permutation(n_genes)
     programs, start = {}, 0
     for name, size in sizes.items():
@@ -450,7 +451,7 @@ def fit_embedding_map(log1p_expr: np.ndarray, var_names, embed_dim: int = 64) ->
     Signs are fixed (largest loading positive) and scale makes the mean per-dimension variance 1."""
     x = np.asarray(log1p_expr, dtype=np.float64)
     if embed_dim > min(x.shape):
-        raise ValueError(f"embed_dim={embed_dim} must be <= min(n_cells, n_genes)={min(x.shape)}")
+        raise ConfigError(f"embed_dim={embed_dim} must be <= min(n_cells, n_genes)={min(x.shape)}")
     mean = x.mean(0)
     xc = x - mean
     evals, evecs = np.linalg.eigh(xc.T @ xc / (len(x) - 1))

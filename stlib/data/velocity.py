@@ -39,20 +39,18 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from stlib.constants import VELOCITY_CONFIDENCE_KEY as CONFIDENCE_KEY
+from stlib.constants import VELOCITY_UNS_KEY as UNS_KEY
+from stlib.constants import velocity_key
 from stlib.data.io import write_h5ad
+from stlib.errors import DataError
 
 PIPELINE_VERSION = "1"  # bump when the computation changes: invalidates cached files
 _TMP_BASIS = "stlib_velocity_basis"
-UNS_KEY = "stlib_velocity"
-CONFIDENCE_KEY = "velocity_confidence"
 
 
-class VelocityError(ValueError):
+class VelocityError(DataError):
     """The AnnData cannot give velocity as asked (missing layers, unknown embedding key, bad mode)."""
-
-
-def velocity_key(embed_key: str) -> str:
-    return f"velocity_{embed_key}"
 
 
 def _stochastic(scv, adata, n_jobs: int) -> None:

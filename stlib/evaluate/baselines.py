@@ -23,11 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from stlib.constants import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY
+from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
 from stlib.evaluate.layout import (
-    BASAL_INDEX_KEY,
-    GROUP_KEY,
-    SOURCE_INDEX_KEY,
-    UNS_KEY,
     ControlIndex,
     EvalError,
     EvalSettings,

@@ -17,22 +17,15 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-UNS_KEY = "stlib"  # uns entry holding the settings below
-GROUP_KEY = "group_id"  # obs column: same id for a predicted group and its real counterpart
-SOURCE_INDEX_KEY = "source_index"  # obs column: row in the original AnnData
-BASAL_INDEX_KEY = "basal_index"  # obs column (pred): original row of the control cell a prediction was made from
+from stlib.constants import GROUP_KEY
+from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
+from stlib.errors import StlibError, listing
+
 SPACES = ("gene", "embedding")
 
 
-class EvalError(ValueError):
+class EvalError(StlibError, ValueError):
     """A prediction file that does not follow the layout, phrased for whoever wrote it."""
-
-
-def listing(values, limit: int = 20) -> str:
-    """Short sorted list for error messages."""
-    items = sorted({str(v) for v in values})
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return (", ".join(repr(v) for v in items[:limit]) + more) if items else "(none)"
 
 
 @dataclass(frozen=True)

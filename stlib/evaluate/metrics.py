@@ -54,17 +54,15 @@ import torch
 from anndata import AnnData
 from geomloss import SamplesLoss
 
+from stlib.constants import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY
+from stlib.errors import listing
 from stlib.evaluate import baselines
 from stlib.evaluate.layout import (
-    BASAL_INDEX_KEY,
-    GROUP_KEY,
-    SOURCE_INDEX_KEY,
     ControlIndex,
     EvalError,
     EvalSettings,
     control_mask,
     group_table,
-    listing,
     mean_rows,
     read_settings,
     representation,

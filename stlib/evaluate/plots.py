@@ -18,7 +18,8 @@ from anndata import AnnData
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from stlib.evaluate.layout import EvalError, control_mask, listing, read_settings, rows
+from stlib.errors import listing
+from stlib.evaluate.layout import EvalError, control_mask, read_settings, rows
 from stlib.evaluate.metrics import HIGHER_IS_BETTER, OVERALL
 from stlib.evaluate.tensorboard import GRAD_NORM, TRAIN_LOSS, VAL_LOSS, grad_spikes, series
 

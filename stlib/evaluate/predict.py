@@ -31,27 +31,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stlib.adapters.lora import base_model
 from stlib.config import Config, config_from_dict, config_to_dict, parse_overrides
+from stlib.constants import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY
+from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
 from stlib.data.io import write_h5ad
-from stlib.evaluate.layout import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY, UNS_KEY, mean_rows, rows
-from stlib.models.loading import LoadedModel, load_any
+from stlib.errors import ConfigError, DataError
+from stlib.evaluate.layout import mean_rows, rows
+from stlib.loading import LoadedModel, load_any
+from stlib.models.parameters import base_model
 
 GENE_READOUTS = ("residual", "direct")
 
 
 def _config_for(loaded: LoadedModel, data_overrides: Sequence[str]) -> Config:
-    if loaded.config is not None:
-        base = config_to_dict(loaded.config)
-    else:  # a State run dir: its data settings, our defaults for the rest
-        base = {
-            "data": {k: v for k, v in loaded.data_overrides.items() if v is not None},
-            "model": {"cell_set_len": loaded.model_cfg.cell_set_len},
-        }
+    base = config_to_dict(loaded.config)
+    base["data"].update({k: v for k, v in loaded.data_overrides.items() if v is not None})  # a State run's own
     for key, value in parse_overrides(data_overrides).items():
         if not key.startswith("data."):
-            raise ValueError(f"predict takes data.* overrides only, got {key!r}")
+            raise ConfigError(f"predict takes data.* overrides only, got {key!r}")
         base.setdefault("data", {})[key[5:]] = value
     return config_from_dict(base)
 
@@ -145,21 +143,21 @@ def predict_split(
 ) -> tuple[ad.AnnData, ad.AnnData]:
     """(pred, real) AnnData for every non-control group of `split`."""
     if gene_readout not in GENE_READOUTS:
-        raise ValueError(f"gene_readout={gene_readout!r} is not one of {', '.join(GENE_READOUTS)}")
+        raise ConfigError(f"gene_readout={gene_readout!r} is not one of {', '.join(GENE_READOUTS)}")
     d = cfg.data
     dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed,
-                                need_velocity=cfg.model.velocity_displacement)
+                                need_velocity=cfg.velocity.displacement)
     dm.setup("predict")
     groups = [g for g in dm.groups(split) if g.pert != d.control_pert]
     if not groups:
-        raise ValueError(
+        raise DataError(
             f"the {split!r} split has no perturbed groups to predict (check the TOML's "
             f"[zeroshot]/[fewshot] sections in {d.toml_config_path})"
         )
     model = loaded.model.eval()
     store = dm.store
     if getattr(base_model(model), "time_encoder", None) is not None and dm.time_values != loaded.dims.get("time_values"):
-        raise ValueError(f"the model's time encoder knows time points {loaded.dims.get('time_values')} but "
+        raise DataError(f"the model's time encoder knows time points {loaded.dims.get('time_values')} but "
                          f"{d.time_col!r} here has {dm.time_values}")
     obs = dm.adata.obs
     times = obs[d.time_col].to_numpy() if d.time_col else None

@@ -21,7 +21,8 @@ import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from stlib.evaluate.layout import EvalError, listing
+from stlib.errors import listing
+from stlib.evaluate.layout import EvalError
 
 TRAINABLE_FILE = "trainable_params.json"  # {"trainable": N, "total": M, "fraction": f}
 SCALAR_COLUMNS = ["step", "tag", "value", "wall_time"]

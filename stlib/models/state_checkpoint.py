@@ -6,7 +6,7 @@ Users start from State runs (ST-Tahoe, their own): ``config.yaml``, ``checkpoint
 checkpoints with ``weights_only=True``, maps through :func:`stlib.data.maps.load_map` (numpy scalar types
 allow-listed), ``var_dims.pkl`` with an Unpickler that only rebuilds builtins and numpy arrays/scalars.
 
-State's options are translated into our :class:`ModelConfig`; options that change the architecture in a
+State's options are translated into our :class:`Config` groups (model, decoder, loss); options that change the architecture in a
 way we do not implement raise :class:`StateCheckpointError` naming the option. Loading is strict: every
 tensor must find its parameter and vice versa.
 """
@@ -23,13 +23,15 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from stlib.config import LOSSES, ConfigError, ModelConfig, config_from_dict
-from stlib.data.maps import BATCH_MAP_FILE, CELL_TYPE_MAP_FILE, PERT_MAP_FILE, load_map
+from stlib.config import LOSSES, Config, DecoderConfig, LossConfig, ModelConfig, config_from_dict
+from stlib.constants import BATCH_MAP_FILE, CELL_TYPE_MAP_FILE, CHECKPOINT_DIR, CONFIG_FILE, PERT_MAP_FILE
+from stlib.data.maps import load_map
+from stlib.errors import ConfigError, ModelLoadError
+from stlib.models.checkpoints import find_checkpoint, read_checkpoint, split_model_path
 from stlib.models.state_transition import StateTransitionModel
 
 VAR_DIMS_FILE = "var_dims.pkl"
 EMBED_KEY = "transformer_backbone.embed_tokens.weight"
-CHECKPOINT_PREFERENCE = ("final.ckpt", "last.ckpt")
 DATA_OVERRIDE_KEYS = ("embed_key", "pert_col", "control_pert", "cell_type_key", "batch_col", "output_space")
 
 # State's `transformer_backbone_kwargs` (HF LlamaConfig names) -> our ModelConfig fields.
@@ -43,7 +45,7 @@ BACKBONE_KEYS = {
     "attention_dropout": "attention_dropout",
     "vocab_size": "embed_vocab_size",
 }
-# State's model kwargs copied as they are (same meaning, maybe another name).
+# State's model kwargs copied as they are (same meaning, maybe another name): "group.field" for other groups.
 MODEL_KEYS = {
     "hidden_dim": "hidden_dim",
     "cell_set_len": "cell_set_len",
@@ -54,8 +56,8 @@ MODEL_KEYS = {
     "predict_residual": "predict_residual",
     "batch_encoder": "batch_encoder",
     "confidence_token": "confidence_token",
-    "blur": "blur",
-    "decoder_weight": "decoder_loss_weight",
+    "blur": "loss.blur",
+    "decoder_weight": "decoder.loss_weight",
 }
 # State's own defaults where they differ from ours: a State config without the key built this.
 STATE_DEFAULTS = {"n_encoder_layers": 2, "n_decoder_layers": 2, "dropout": 0.1}
@@ -76,14 +78,14 @@ UNSUPPORTED = {
 BACKBONE_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 
-class StateCheckpointError(ValueError):
+class StateCheckpointError(ModelLoadError):
     """A State run we cannot load as it is; the message names the file/option and what was expected."""
 
 
 @dataclass
 class StateRun:
     model: StateTransitionModel  # eval mode, strictly loaded
-    model_cfg: ModelConfig
+    config: Config  # the model, decoder and loss groups State's options translate to
     data_overrides: dict  # DataConfig fields from State's data.kwargs
     pert_map: dict[str, int]
     cell_type_map: dict[str, int]
@@ -127,36 +129,10 @@ def read_var_dims(path: str | Path) -> dict:
     return out
 
 
-def _resolve(path: str | Path, checkpoint: str | None) -> tuple[Path, Path]:
-    """(run dir, checkpoint file): explicit name, else final.ckpt, else last.ckpt, else the newest .ckpt."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise StateCheckpointError(f"{path} is neither a State run dir nor a .ckpt file")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run_dir, path
-    if not path.is_dir():
-        raise StateCheckpointError(f"State run dir not found: {path}")
-    ckpt_dir = path / "checkpoints"
-    if checkpoint is not None:
-        for cand in (Path(checkpoint), ckpt_dir / checkpoint, path / checkpoint):
-            if cand.is_file():
-                return path, cand
-        have = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
-        raise StateCheckpointError(f"checkpoint {checkpoint!r} not found in {ckpt_dir}; available: {have}")
-    for name in CHECKPOINT_PREFERENCE:
-        if (ckpt_dir / name).is_file():
-            return path, ckpt_dir / name
-    ckpts = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not ckpts:
-        raise StateCheckpointError(f"no .ckpt in {ckpt_dir} (expected final.ckpt, last.ckpt or any *.ckpt)")
-    return path, ckpts[-1]
-
-
 def is_state_run_dir(path: str | Path) -> bool:
     """A `state tx train` output dir: config.yaml, var_dims.pkl, pert_onehot_map.pt and checkpoints/."""
     p = Path(path)
-    return all((p / f).is_file() for f in ("config.yaml", VAR_DIMS_FILE, PERT_MAP_FILE)) and (p / "checkpoints").is_dir()
+    return all((p / f).is_file() for f in (CONFIG_FILE, VAR_DIMS_FILE, PERT_MAP_FILE)) and (p / CHECKPOINT_DIR).is_dir()
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -182,34 +158,40 @@ def _check_supported(kw: dict, backbone: dict) -> None:
                                    "into the backbone (peft merge_and_unload) and save a plain checkpoint first")
 
 
-def model_config_from_state(kw: dict, gene_decoder: dict | None, embed_key: str | None) -> ModelConfig:
-    """Translate State's model kwargs (+ its decoder_cfg) into our ModelConfig."""
+def model_config_from_state(kw: dict, gene_decoder: dict | None, embed_key: str | None) -> Config:
+    """Translate State's model kwargs (+ its decoder_cfg) into our model, decoder and loss groups."""
     kw = {**STATE_DEFAULTS, **kw}
     backbone = dict(kw.get("transformer_backbone_kwargs") or {})
     _check_supported(kw, backbone)
-    fields: dict[str, Any] = {ours: kw[theirs] for theirs, ours in MODEL_KEYS.items() if kw.get(theirs) is not None}
-    fields.update({ours: backbone[theirs] for theirs, ours in BACKBONE_KEYS.items() if backbone.get(theirs) is not None})
+    groups: dict[str, dict[str, Any]] = {"model": {}, "decoder": {}, "loss": {}}
+    for theirs, ours in MODEL_KEYS.items():
+        if kw.get(theirs) is not None:
+            group, _, name = ours.rpartition(".")
+            groups[group or "model"][name] = kw[theirs]
+    model = groups["model"]
+    model.update({ours: backbone[theirs] for theirs, ours in BACKBONE_KEYS.items() if backbone.get(theirs) is not None})
     size = backbone.get("hidden_size")
-    if size is not None and size != fields.setdefault("hidden_dim", size):
-        raise StateCheckpointError(f"State run has hidden_dim={fields['hidden_dim']} but transformer_backbone_kwargs"
+    if size is not None and size != model.setdefault("hidden_dim", size):
+        raise StateCheckpointError(f"State run has hidden_dim={model['hidden_dim']} but transformer_backbone_kwargs"
                                    f".hidden_size={size}; stlib needs them equal")
     loss = kw.get("loss", "energy")
     if loss in LOSSES:
-        fields["loss"] = loss
+        groups["loss"]["name"] = loss
     else:
         warnings.warn(f"State loss {loss!r} has no stlib equivalent ({', '.join(LOSSES)}); using 'energy' for "
                       "fine-tuning (the model itself is unaffected)", stacklevel=3)
+    decoder = groups["decoder"]
     if gene_decoder is not None:
-        fields["decoder_hidden"] = list(gene_decoder.get("hidden_dims", ModelConfig().decoder_hidden))
+        decoder["hidden"] = list(gene_decoder.get("hidden_dims", DecoderConfig().hidden))
         if gene_decoder.get("dropout") is not None:
-            fields["decoder_dropout"] = gene_decoder["dropout"]
-    fields["softplus"] = False  # State's decoder ends in ReLU whatever its `softplus` key says
-    fields["decoder_skip"] = False  # State's decoder is an MLP alone (its weights fix the layout)
+            decoder["dropout"] = gene_decoder["dropout"]
+    decoder["softplus"] = False  # State's decoder ends in ReLU whatever its `softplus` key says
+    decoder["skip"] = False  # State's decoder is an MLP alone (its weights fix the layout)
     # State clamps predictions at 0 when it has no gene decoder, or when it works in HVG space
-    fields["output_relu"] = gene_decoder is None or embed_key in (None, "X_hvg")
-    fields["residual_space"] = "hidden"  # State adds the shift to the encoded cell, before project_out
+    model["output_relu"] = gene_decoder is None or embed_key in (None, "X_hvg")
+    model["residual_space"] = "hidden"  # State adds the shift to the encoded cell, before project_out
     try:
-        return ModelConfig(**fields)
+        return Config(model=ModelConfig(**model), decoder=DecoderConfig(**decoder), loss=LossConfig(**groups["loss"]))
     except (ConfigError, TypeError) as exc:
         raise StateCheckpointError(f"State model options do not make a valid stlib model: {exc}") from None
 
@@ -224,10 +206,10 @@ def _decoder_cfg_from_weights(state: dict[str, torch.Tensor]) -> dict:
             "hidden_dims": [shape[0] for _, shape in linears[:-1]]}
 
 
-def _stlib_model_config(config: dict) -> ModelConfig:
-    """An stlib-style config.yaml (flat `model.hidden_dim` keys)."""
+def _stlib_config(config: dict) -> Config:
+    """An stlib-style config.yaml beside State's files (our groups, or the flat `model.*` keys of old runs)."""
     try:
-        return config_from_dict({"model": config.get("model") or {}}).model
+        return config_from_dict({k: v for k, v in config.items() if k not in ("data", "training")})
     except ConfigError as exc:
         raise StateCheckpointError(f"config.yaml: {exc}") from None
 
@@ -261,16 +243,15 @@ def load_state_dict_strictly(model: torch.nn.Module, state: dict[str, torch.Tens
 
 def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
     """State run dir (or a .ckpt inside one) -> StateRun with the model strictly loaded, in eval mode."""
-    run_dir, ckpt_path = _resolve(path, checkpoint)
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
-        raise StateCheckpointError(f"cannot read {ckpt_path} as a weights-only checkpoint: {exc}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise StateCheckpointError(f"{ckpt_path} has no 'state_dict' (expected a Lightning checkpoint)")
+        run_dir, checkpoint = split_model_path(path, checkpoint)
+        ckpt_path = find_checkpoint(run_dir, checkpoint)
+        ckpt = read_checkpoint(ckpt_path)
+    except ModelLoadError as exc:
+        raise StateCheckpointError(str(exc)) from None
     state: dict[str, torch.Tensor] = ckpt["state_dict"]
     hparams = dict(ckpt.get("hyper_parameters") or {})
-    config = _read_yaml(run_dir / "config.yaml")
+    config = _read_yaml(run_dir / CONFIG_FILE)
     var_dims = read_var_dims(run_dir / VAR_DIMS_FILE) if (run_dir / VAR_DIMS_FILE).is_file() else {}
 
     data_kwargs = dict((config.get("data") or {}).get("kwargs") or config.get("data") or {})
@@ -298,24 +279,24 @@ def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
         gene_decoder = _decoder_cfg_from_weights(state)  # older State runs rebuild the decoder without a cfg
     if is_state_config:
         kw = _state_model_kwargs(config, hparams)
-        model_cfg = model_config_from_state(kw, gene_decoder, data_overrides.get("embed_key"))
+        cfg = model_config_from_state(kw, gene_decoder, data_overrides.get("embed_key"))
         if data_overrides.get("output_space") == "all":
-            model_cfg = dataclasses.replace(model_cfg, final_down_then_up=True)
+            cfg.model = dataclasses.replace(cfg.model, final_down_then_up=True)
         if EMBED_KEY in state:  # the unused token embedding: its size is whatever State's config had
-            model_cfg = dataclasses.replace(model_cfg, embed_vocab_size=int(state[EMBED_KEY].shape[0]))
+            cfg.model = dataclasses.replace(cfg.model, embed_vocab_size=int(state[EMBED_KEY].shape[0]))
     else:
-        model_cfg = _stlib_model_config(config)
+        cfg = _stlib_config(config)
     gene_dim = None
     if gene_decoder is not None:
         if gene_decoder.get("latent_dim", input_dim) != input_dim:
             raise StateCheckpointError(f"State decoder_cfg.latent_dim={gene_decoder['latent_dim']} differs from the "
                                        f"model's output_dim={input_dim}")
         gene_dim = int(gene_decoder["gene_dim"])
-    n_batches = dim("batch_dim") if model_cfg.batch_encoder else None
+    n_batches = dim("batch_dim") if cfg.model.batch_encoder else None
 
     try:
-        model = StateTransitionModel(model_cfg, input_dim=input_dim, pert_dim=pert_dim, gene_dim=gene_dim,
-                                     n_batches=n_batches)
+        model = StateTransitionModel(cfg.model, input_dim=input_dim, pert_dim=pert_dim, gene_dim=gene_dim,
+                                     n_batches=n_batches, decoder=cfg.decoder)
     except ValueError as exc:
         raise StateCheckpointError(f"{run_dir}: {exc}") from None
     load_state_dict_strictly(model, state, ckpt_path)
@@ -326,7 +307,7 @@ def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
         maps[name] = load_map(run_dir / fname) if (run_dir / fname).is_file() else {}
     gene_names = var_dims.get("gene_names") or hparams.get("gene_names")
     return StateRun(
-        model=model, model_cfg=model_cfg, data_overrides=data_overrides, pert_map=maps["pert"],
+        model=model, config=cfg, data_overrides=data_overrides, pert_map=maps["pert"],
         cell_type_map=maps["cell_type"], batch_map=maps["batch"], var_dims=var_dims,
         gene_names=[str(g) for g in gene_names] if gene_names is not None else None, checkpoint_path=ckpt_path,
     )

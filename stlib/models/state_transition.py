@@ -18,13 +18,13 @@ P perturbation encoding width, H hidden width, G decoded genes.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import torch
 from torch import nn
 
-from stlib.config import DECODER_FIELDS, ModelConfig
+from stlib.config import DecoderConfig, ModelConfig
+from stlib.errors import ConfigError
 from stlib.models.backbone import SetTransformer
 
 ACTIVATIONS = {
@@ -41,7 +41,7 @@ def activation_class(name: str) -> type[nn.Module]:
     try:
         return ACTIVATIONS[name.lower()]
     except KeyError:
-        raise ValueError(f"model.activation={name!r} is not one of {', '.join(ACTIVATIONS)}") from None
+        raise ConfigError(f"model.activation={name!r} is not one of {', '.join(ACTIVATIONS)}") from None
 
 
 def build_mlp(in_dim: int, out_dim: int, hidden_dim: int, n_linear: int, dropout: float, activation: str) -> nn.Sequential:
@@ -67,7 +67,7 @@ class GeneDecoder(nn.Module):
     ``skip=True`` adds a linear readout beside the MLP (buffers ``skip_weight`` [G, D], ``skip_bias`` [G]), fitted
     once by least squares on real cells (:meth:`fit_skip`); the MLP then learns only what is not linear. Why: a
     short fine-tune leaves the MLP's slope poor, and the slope is what turns a predicted *shift* into genes (see
-    ``model.decoder_skip``). The output is then ReLU: a least-squares readout is already on the expression scale.
+    ``decoder.skip``). The output is then ReLU: a least-squares readout is already on the expression scale.
     """
 
     def __init__(self, latent_dim: int, gene_dim: int, hidden: list[int], dropout: float, softplus: bool,
@@ -114,7 +114,7 @@ class GeneDecoder(nn.Module):
         ``ridge * n_cells`` on the weights, not the bias.
         """
         if not self.skip:
-            raise ValueError("fit_skip needs a decoder built with skip=True (model.decoder_skip)")
+            raise ValueError("fit_skip needs a decoder built with skip=True (decoder.skip)")
         d = self.skip_weight.shape[1]
         if gram.shape != (d + 1, d + 1) or cross.shape != (d + 1, self.gene_dim):
             raise ValueError(f"expected gram [{d + 1}, {d + 1}] and cross [{d + 1}, {self.gene_dim}], got "
@@ -127,6 +127,25 @@ class GeneDecoder(nn.Module):
         last = self.decoder[-2]
         last.weight.zero_()
         last.bias.zero_()
+
+
+def normal_equations(chunks) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """([E 1]^T [E 1], [E 1]^T X, n) in float64 from chunks of (embedding E [n, D], expression X [n, G]).
+
+    Summed chunk by chunk so a large study's expression is never dense all at once; feeds
+    :meth:`GeneDecoder.fit_skip`.
+    """
+    gram = cross = None
+    n = 0
+    for emb, genes in chunks:
+        e = torch.cat([torch.as_tensor(emb, dtype=torch.float64), torch.ones(len(emb), 1, dtype=torch.float64)], 1)
+        x = torch.as_tensor(genes, dtype=torch.float64)
+        gram = e.T @ e if gram is None else gram + e.T @ e
+        cross = e.T @ x if cross is None else cross + e.T @ x
+        n += len(emb)
+    if gram is None:
+        raise ValueError("normal_equations: no cells")
+    return gram, cross, n
 
 
 class VelocityDisplacement(nn.Module):
@@ -180,7 +199,8 @@ class StateTransitionModel(nn.Module):
     """Set-to-set perturbation model; every option comes from :class:`ModelConfig`."""
 
     def __init__(self, cfg: ModelConfig, input_dim: int, pert_dim: int, gene_dim: int | None = None,
-                 n_batches: int | None = None, n_times: int | None = None):
+                 n_batches: int | None = None, n_times: int | None = None, decoder: DecoderConfig | None = None,
+                 velocity_displacement: bool = False):
         super().__init__()
         self.cfg, self.input_dim, self.pert_dim, self.gene_dim = cfg, input_dim, pert_dim, gene_dim
         h = cfg.hidden_dim
@@ -195,17 +215,17 @@ class StateTransitionModel(nn.Module):
         self.final_down_then_up = None
         if cfg.final_down_then_up:
             if input_dim < 8:
-                raise ValueError(f"model.final_down_then_up needs input_dim >= 8 (it squeezes D to D/8), got {input_dim}")
+                raise ConfigError(f"model.final_down_then_up needs input_dim >= 8 (it squeezes D to D/8), got {input_dim}")
             self.final_down_then_up = nn.Sequential(
                 nn.Linear(input_dim, input_dim // 8), nn.GELU(), nn.Linear(input_dim // 8, input_dim)
             )
         self.gene_decoder = None
         if gene_dim is not None:
-            self.set_gene_decoder(gene_dim)
+            self.set_gene_decoder(gene_dim, decoder or DecoderConfig())
         self.batch_encoder = None
         if cfg.batch_encoder:
             if not n_batches:
-                raise ValueError("model.batch_encoder=true needs the number of batches (n_batches); "
+                raise ConfigError("model.batch_encoder=true needs the number of batches (n_batches); "
                                  "set data.batch_col to a column with batches, or model.batch_encoder=false")
             self.batch_encoder = nn.Embedding(n_batches, h)
         self.confidence_token = ConfidenceToken(h, cfg.dropout) if cfg.confidence_token else None
@@ -213,7 +233,7 @@ class StateTransitionModel(nn.Module):
         if cfg.time_encoder:
             self.add_time_encoder(n_times)
         self.velocity_displacement = None
-        if cfg.velocity_displacement:
+        if velocity_displacement:
             self.add_velocity_displacement()
 
     def set_dropout(self, p: float) -> int:
@@ -224,47 +244,39 @@ class StateTransitionModel(nn.Module):
         layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, nn.Dropout)]
         for layer in layers:
             layer.p = p
-        self.cfg = dataclasses.replace(self.cfg, dropout=p)
         return len(layers)
 
     def add_velocity_displacement(self) -> None:
         """Gains per perturbation for moving cells along their RNA velocity; zero, so outputs are unchanged."""
         ref = self.pert_encoder[0].weight
         self.velocity_displacement = VelocityDisplacement(self.pert_dim).to(ref.device, ref.dtype)
-        self.cfg = dataclasses.replace(self.cfg, velocity_displacement=True)
 
     def add_time_encoder(self, n_times: int | None) -> None:
         """A learned embedding per time point, added to every cell; zero-initialised so outputs are unchanged."""
         if not n_times:
-            raise ValueError("model.time_encoder=true needs time points: set data.time_col to a column with them "
+            raise ConfigError("model.time_encoder=true needs time points: set data.time_col to a column with them "
                              "(e.g. day), or model.time_encoder=false")
         ref = self.pert_encoder[0].weight
         self.time_encoder = nn.Embedding(n_times, self.cfg.hidden_dim, device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(self.time_encoder.weight)
-        self.cfg = dataclasses.replace(self.cfg, time_encoder=True)
 
-    def set_gene_decoder(self, gene_dim: int | None, cfg: ModelConfig | None = None) -> None:
-        """A fresh gene decoder for ``gene_dim`` genes (None removes it): fine-tuning into another output space.
-
-        ``cfg`` (default: the model's own) gives its widths, dropout and output activation."""
+    def set_gene_decoder(self, gene_dim: int | None, cfg: DecoderConfig | None = None) -> None:
+        """A fresh gene decoder for ``gene_dim`` genes (None removes it): fine-tuning into another output space."""
         self.gene_dim = gene_dim
         if gene_dim is None:
             self.gene_decoder = None
             return
-        cfg = cfg or self.cfg
-        if cfg is not self.cfg:
-            self.cfg = dataclasses.replace(self.cfg, **{f: getattr(cfg, f) for f in
-                                                        DECODER_FIELDS})
+        cfg = cfg or DecoderConfig()
         ref = self.pert_encoder[0].weight
-        self.gene_decoder = GeneDecoder(self.input_dim, gene_dim, list(cfg.decoder_hidden), cfg.decoder_dropout,
-                                        cfg.softplus, cfg.decoder_skip).to(ref.device, ref.dtype)
+        self.gene_decoder = GeneDecoder(self.input_dim, gene_dim, list(cfg.hidden), cfg.dropout, cfg.softplus,
+                                        cfg.skip).to(ref.device, ref.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, basal: torch.Tensor, pert: torch.Tensor, batch_index: torch.Tensor | None = None,
                 time_index: torch.Tensor | None = None, decode: bool = True,
                 velocity: torch.Tensor | None = None) -> dict:
         """basal [B, S, D], pert [B, S, P], batch_index [B, S] (long), time_index [B] (long: each set's time
-        point), velocity [B, S, D] (the basal cells' RNA velocity; models with model.velocity_displacement)
+        point), velocity [B, S, D] (the basal cells' RNA velocity; models with velocity.displacement)
         -> dict(pred, genes, confidence, hidden); genes is None without a decoder or with decode=False."""
         if basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(f"expected basal [B, S, D] and pert [B, S, P] with the same B, S; "
@@ -296,7 +308,7 @@ class StateTransitionModel(nn.Module):
             pred = self.project_out(h)
         if self.velocity_displacement is not None:
             if velocity is None or velocity.shape != basal.shape:
-                raise ValueError("this model moves cells along their RNA velocity (model.velocity_displacement): "
+                raise ValueError("this model moves cells along their RNA velocity (velocity.displacement): "
                                  f"pass velocity with the basal cells' shape {tuple(basal.shape)}, got "
                                  f"{None if velocity is None else tuple(velocity.shape)}")
             pred = pred + self.velocity_displacement(pert, velocity.to(pred.dtype))

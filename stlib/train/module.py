@@ -1,6 +1,6 @@
 """The LightningModule: model + losses + optimizer + logging, composed (the model itself stays plain torch).
 
-Losses per step: the distributional set loss between predicted and real perturbed sets (``model.loss``),
+Losses per step: the distributional set loss between predicted and real perturbed sets (``loss.name``),
 the gene-decoder loss when a decoder exists (a per-cell readout of the real cells' expression from their
 embedding, which never reaches the prediction), and the RNA-velocity alignment loss when enabled, weighted by
 a linear warm-up. Everything a comparison needs is logged to TensorBoard under one naming scheme:
@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from stlib.adapters.lora import base_model
 from stlib.config import Config
+from stlib.errors import StlibError
 from stlib.losses.distributional import set_loss, set_mean_loss
 from stlib.losses.velocity import velocity_alignment_loss, velocity_weight
+from stlib.models.parameters import base_model
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StlibError, RuntimeError):
     """Training produced NaN/inf: stop before the optimizer step so the last checkpoint stays good."""
 
 
@@ -58,30 +59,30 @@ class STLightningModule(L.LightningModule):
                           velocity=batch.get("basal_velocity"))
 
     def compute_losses(self, batch: dict, out: dict, step: int) -> dict[str, torch.Tensor]:
-        mcfg = self.cfg.model
-        per_set = set_loss(out["pred"], batch["target"], mcfg.loss, mcfg.blur)
-        losses = {mcfg.loss: per_set.mean()}
-        total = losses[mcfg.loss]
-        if mcfg.set_mean_weight > 0:
+        loss_cfg, velocity_cfg = self.cfg.loss, self.cfg.velocity
+        per_set = set_loss(out["pred"], batch["target"], loss_cfg.name, loss_cfg.blur)
+        losses = {loss_cfg.name: per_set.mean()}
+        total = losses[loss_cfg.name]
+        if loss_cfg.set_mean_weight > 0:
             # The energy distance pulls on a set's mean only weakly when its cells are spread widely (its gradient
             # for a translation d of the prediction scales ~ d / spread); this term trains the mean shift directly.
             losses["set_mean_loss"] = set_mean_loss(out["pred"], batch["target"]).mean()
-            total = total + mcfg.set_mean_weight * losses["set_mean_loss"]
+            total = total + loss_cfg.set_mean_weight * losses["set_mean_loss"]
         decoder = getattr(base_model(self.model), "gene_decoder", None)
         if decoder is not None and "target_genes" in batch:
             # The decoder is a readout trained on real cells' (embedding, expression) pairs. Fed the prediction, its
             # loss would pull predicted cells toward whatever the decoder decodes well, not toward the real cells.
             genes = decoder(batch["target"])
             losses["gene_loss"] = nn.functional.mse_loss(genes, batch["target_genes"])
-            total = total + mcfg.decoder_loss_weight * losses["gene_loss"]
+            total = total + self.cfg.decoder.loss_weight * losses["gene_loss"]
         if out.get("confidence") is not None:
             losses["confidence_loss"] = nn.functional.mse_loss(out["confidence"].float(), per_set.detach())
             total = total + 0.1 * losses["confidence_loss"]
-        if mcfg.use_velocity_alignment:
-            weight = velocity_weight(step, mcfg.velocity_lambda, mcfg.velocity_warmup_steps)
+        if velocity_cfg.alignment:
+            weight = velocity_weight(step, velocity_cfg.loss_weight, velocity_cfg.warmup_steps)
             losses["velocity_loss"] = velocity_alignment_loss(
                 out["pred"], batch["basal"], batch["basal_velocity"], batch["basal_velocity_confidence"],
-                beta=mcfg.velocity_beta,
+                beta=velocity_cfg.beta,
             )
             losses["velocity_weight"] = torch.tensor(weight)
             if weight > 0:
@@ -97,7 +98,7 @@ class STLightningModule(L.LightningModule):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step} ({parts}); stopped before the optimizer step — the "
-                f"last checkpoint in checkpoints/ is intact. Try a lower training.lr or model.use_mhc=true."
+                f"last checkpoint in checkpoints/ is intact. Try a lower training.lr or mhc.enable=true."
             )
         bs = batch["basal"].shape[0]
         for name, value in losses.items():
@@ -156,7 +157,7 @@ class STLightningModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 if "velocity_displacement." in name:
-                    gains.append(param)  # see model.velocity_gain_lr_scale
+                    gains.append(param)  # see velocity.gain_lr_scale
                 else:
                     (no_decay if _no_decay(name, param) else decay).append(param)
         # torch's fused AdamW: one kernel over all parameters instead of a Python loop over tensors (CPU's
@@ -165,7 +166,7 @@ class STLightningModule(L.LightningModule):
             p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay + gains)
         groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if gains:
-            groups.append({"params": gains, "weight_decay": 0.0, "lr": tcfg.lr * self.cfg.model.velocity_gain_lr_scale})
+            groups.append({"params": gains, "weight_decay": 0.0, "lr": tcfg.lr * self.cfg.velocity.gain_lr_scale})
         optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -5,16 +5,9 @@ import copy
 import pytest
 import torch
 
-from stlib.adapters.lora import (
-    adapter_state_dict,
-    apply_lora,
-    base_model,
-    count_parameters,
-    load_adapter,
-    merge_lora,
-    trainable_summary,
-)
-from stlib.config import LoraConfig, ModelConfig
+from stlib.adapters.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora
+from stlib.config import DecoderConfig, LoraConfig, ModelConfig
+from stlib.models.parameters import base_model, count_parameters, trainable_summary
 from stlib.models.state_transition import StateTransitionModel
 
 D, P, G = 12, 3, 10
@@ -23,9 +16,9 @@ D, P, G = 12, 3, 10
 def tiny_model(seed=0) -> StateTransitionModel:
     torch.manual_seed(seed)
     # hidden-space residual: a fresh model is not the identity, so adapters visibly change its outputs
-    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=4, intermediate_size=64, cell_set_len=6, decoder_hidden=[16],
+    cfg = ModelConfig(hidden_dim=32, n_layers=2, n_heads=4, intermediate_size=64, cell_set_len=6,
                       residual_space="hidden")
-    return StateTransitionModel(cfg, input_dim=D, pert_dim=P, gene_dim=G)
+    return StateTransitionModel(cfg, input_dim=D, pert_dim=P, gene_dim=G, decoder=DecoderConfig(hidden=[16]))
 
 
 def inputs(seed=1):

@@ -103,16 +103,16 @@ def test_set_mean_loss_reads_only_the_set_means():
 
 
 def test_set_mean_weight_adds_a_logged_component():
-    from stlib.config import Config, ConfigError
+    from stlib.config import Config, ConfigError, LossConfig
     from stlib.train.module import STLightningModule
 
     cfg = Config()
-    cfg.model.set_mean_weight = 2.0
+    cfg.loss.set_mean_weight = 2.0
     module = STLightningModule(torch.nn.Identity(), cfg)
     target = torch.randn(2, 8, 5)
     pred = target + 0.5
     losses = module.compute_losses({"target": target}, {"pred": pred}, step=0)
     assert losses["set_mean_loss"] == pytest.approx(0.25, rel=1e-5)
     assert losses["loss"] == pytest.approx(float(losses["energy"] + 2.0 * losses["set_mean_loss"]), rel=1e-5)
-    with pytest.raises(ConfigError, match="model.set_mean_weight"):
-        ModelConfig(set_mean_weight=-1.0)
+    with pytest.raises(ConfigError, match="loss.set_mean_weight"):
+        LossConfig(set_mean_weight=-1.0)

@@ -63,10 +63,10 @@ def test_run_metadata(run):
                                   "cell_type_key": "cell_type", "batch_col": "mouse_id", "output_space": "gene"}
     assert run.var_dims["input_dim"] == 16 and run.var_dims["pert_names"] == ["Burn", "Sham"]
     assert run.gene_names[:2] == ["Gene000", "Gene001"] and len(run.gene_names) == 50
-    cfg = run.model_cfg
+    cfg, decoder = run.config.model, run.config.decoder
     assert (cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim) == (32, 2, 4, 4, 8)
-    assert (cfg.intermediate_size, cfg.cell_set_len, cfg.decoder_hidden) == (64, 16, [1024, 1024, 512])
-    assert cfg.predict_residual and not cfg.output_relu and not cfg.softplus
+    assert (cfg.intermediate_size, cfg.cell_set_len, decoder.hidden) == (64, 16, [1024, 1024, 512])
+    assert cfg.predict_residual and not cfg.output_relu and not decoder.softplus
     assert run.checkpoint_path.name == "final.ckpt"
 
 
@@ -138,7 +138,7 @@ def test_state_defaults_apply_when_keys_are_absent():
     from stlib.models.state_checkpoint import model_config_from_state
 
     kw = {"hidden_dim": 32, "transformer_backbone_kwargs": {"hidden_size": 32, "num_attention_heads": 4}}
-    cfg = model_config_from_state(kw, gene_decoder=None, embed_key="X_emb")
+    cfg = model_config_from_state(kw, gene_decoder=None, embed_key="X_emb").model
     assert (cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.dropout) == (2, 2, 0.1)  # State's code defaults
     assert cfg.output_relu  # State clamps at 0 when there is no gene decoder
     with pytest.raises(StateCheckpointError, match="hidden_size=64"):

@@ -1,17 +1,21 @@
 """StateTransitionModel: shapes per output space, batch encoder, confidence token, new perturbations."""
 
+import functools
+
 import pytest
 import torch
 
-from stlib.config import ModelConfig
+from stlib.config import DecoderConfig, ModelConfig
 from stlib.models.state_transition import ACTIVATIONS, StateTransitionModel, build_mlp
 
 B, S, D, P = 2, 8, 12, 3
+# State's decoder layout, small
+Model = functools.partial(StateTransitionModel, decoder=DecoderConfig(hidden=[24, 20]))
 
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = {"hidden_dim": 16, "cell_set_len": S, "n_layers": 2, "n_heads": 4, "intermediate_size": 32,
-            "decoder_hidden": [24, 20], "embed_vocab_size": 10, "residual_space": "hidden"}  # State's layout
+            "embed_vocab_size": 10, "residual_space": "hidden"}  # State's layout
     return ModelConfig(**{**base, **kw})
 
 
@@ -33,7 +37,7 @@ OUTPUT_SPACES = {
 @pytest.mark.parametrize("space", list(OUTPUT_SPACES))
 def test_shapes_per_output_space(space):
     changes, gene_dim = OUTPUT_SPACES[space]
-    model = StateTransitionModel(tiny_cfg(**changes), input_dim=D, pert_dim=P, gene_dim=gene_dim)
+    model = Model(tiny_cfg(**changes), input_dim=D, pert_dim=P, gene_dim=gene_dim)
     out = model(*inputs())
     assert out["pred"].shape == (B, S, D)
     assert out["hidden"].shape == (B, S, 16)
@@ -53,7 +57,7 @@ def test_training_decodes_real_cells_only_never_the_prediction():
     from stlib.train.module import STLightningModule
 
     torch.manual_seed(0)
-    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=30).eval()
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=30).eval()
     basal, pert = inputs()
     full, lean = model(basal, pert), model(basal, pert, decode=False)
     assert lean["genes"] is None and torch.equal(lean["pred"], full["pred"])
@@ -67,7 +71,7 @@ def test_training_decodes_real_cells_only_never_the_prediction():
 
 
 def test_state_attribute_names():
-    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=5)
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=5)
     prefixes = {k.split(".")[0] for k in model.state_dict()}
     assert prefixes == {"pert_encoder", "basal_encoder", "transformer_backbone", "project_out", "gene_decoder"}
 
@@ -81,12 +85,12 @@ def test_encoder_layout_follows_n_layers():
 
 def test_unknown_activation_names_options():
     with pytest.raises(ValueError, match="swish.*gelu"):
-        StateTransitionModel(tiny_cfg(activation="swish", n_encoder_layers=2), input_dim=D, pert_dim=P)
+        Model(tiny_cfg(activation="swish", n_encoder_layers=2), input_dim=D, pert_dim=P)
     assert "relu" in ACTIVATIONS
 
 
 def test_confidence_token_gives_one_value_per_set():
-    model = StateTransitionModel(tiny_cfg(confidence_token=True), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(confidence_token=True), input_dim=D, pert_dim=P)
     out = model(*inputs())
     assert out["confidence"].shape == (B,) and (out["confidence"] >= 0).all()
     assert out["pred"].shape == (B, S, D) and out["hidden"].shape == (B, S, 16)
@@ -95,7 +99,7 @@ def test_confidence_token_gives_one_value_per_set():
 
 def test_batch_encoder_changes_outputs_and_needs_indices():
     torch.manual_seed(0)
-    model = StateTransitionModel(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P, n_batches=3).eval()
+    model = Model(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P, n_batches=3).eval()
     basal, pert = inputs()
     a = model(basal, pert, torch.zeros(B, S, dtype=torch.long))["pred"]
     b = model(basal, pert, torch.full((B, S), 2))["pred"]
@@ -103,13 +107,13 @@ def test_batch_encoder_changes_outputs_and_needs_indices():
     with pytest.raises(ValueError, match="batch_index"):
         model(basal, pert)
     with pytest.raises(ValueError, match="n_batches"):
-        StateTransitionModel(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P)
+        Model(tiny_cfg(batch_encoder=True), input_dim=D, pert_dim=P)
 
 
 def test_time_encoder_starts_silent_then_separates_time_points_and_needs_indices():
     torch.manual_seed(0)
-    plain = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).eval()
-    timed = StateTransitionModel(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P, n_times=3).eval()
+    plain = Model(tiny_cfg(), input_dim=D, pert_dim=P).eval()
+    timed = Model(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P, n_times=3).eval()
     missing, unexpected = timed.load_state_dict(plain.state_dict(), strict=False)
     assert missing == ["time_encoder.weight"] and not unexpected
     basal, pert = inputs()
@@ -121,13 +125,13 @@ def test_time_encoder_starts_silent_then_separates_time_points_and_needs_indices
     with pytest.raises(ValueError, match="time_index"):
         timed(basal, pert)
     with pytest.raises(ValueError, match="data.time_col"):
-        StateTransitionModel(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P)
+        Model(tiny_cfg(time_encoder=True), input_dim=D, pert_dim=P)
 
 
 def test_predict_residual_adds_basal_encoding_before_projection():
     torch.manual_seed(0)
-    res = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).eval()
-    plain = StateTransitionModel(tiny_cfg(predict_residual=False), input_dim=D, pert_dim=P).eval()
+    res = Model(tiny_cfg(), input_dim=D, pert_dim=P).eval()
+    plain = Model(tiny_cfg(predict_residual=False), input_dim=D, pert_dim=P).eval()
     plain.load_state_dict(res.state_dict())
     basal, pert = inputs()
     out_res, out_plain = res(basal, pert), plain(basal, pert)
@@ -137,7 +141,7 @@ def test_predict_residual_adds_basal_encoding_before_projection():
 
 def test_input_space_residual_starts_as_identity_and_learns_a_shift():
     torch.manual_seed(0)
-    model = StateTransitionModel(tiny_cfg(residual_space="input"), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(residual_space="input"), input_dim=D, pert_dim=P)
     basal, pert = inputs()
     torch.testing.assert_close(model(basal, pert)["pred"], basal, rtol=0, atol=0)
     far = basal * 100 + 50  # cells unlike anything seen: still themselves
@@ -156,13 +160,13 @@ def test_input_space_residual_starts_as_identity_and_learns_a_shift():
 
 def test_output_relu_clamps_predictions():
     torch.manual_seed(0)
-    model = StateTransitionModel(tiny_cfg(output_relu=True), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(output_relu=True), input_dim=D, pert_dim=P)
     pred = model(*inputs())["pred"]
     assert (pred >= 0).all() and (pred == 0).any()
 
 
 def test_predict_sets_is_deterministic_and_restores_mode():
-    model = StateTransitionModel(tiny_cfg(dropout=0.5, n_encoder_layers=2), input_dim=D, pert_dim=P, gene_dim=4)
+    model = Model(tiny_cfg(dropout=0.5, n_encoder_layers=2), input_dim=D, pert_dim=P, gene_dim=4)
     model.train()
     basal, pert = inputs()
     a, b = model.predict_sets(basal, pert), model.predict_sets(basal, pert)
@@ -173,7 +177,7 @@ def test_predict_sets_is_deterministic_and_restores_mode():
 
 def test_extend_perturbations_keeps_old_outputs():
     torch.manual_seed(0)
-    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=6).eval()
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P, gene_dim=6).eval()
     basal, pert = inputs()
     before = model(basal, pert)
     old_w = model.pert_encoder[0].weight.detach().clone()
@@ -190,7 +194,7 @@ def test_extend_perturbations_keeps_old_outputs():
 
 
 def test_extend_perturbations_explicit_columns_and_errors():
-    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P)
     cols = torch.arange(16.0)[:, None]
     model.extend_perturbations(P + 1, cols)
     torch.testing.assert_close(model.pert_encoder[0].weight[:, P:].detach(), cols)
@@ -201,15 +205,15 @@ def test_extend_perturbations_explicit_columns_and_errors():
 
 
 def test_forward_rejects_mismatched_inputs():
-    model = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P)
     basal, pert = inputs()
     with pytest.raises(ValueError, match=r"\[B, S, D\]"):
         model(basal, pert[:, :5])
 
 
 def test_velocity_displacement_starts_silent_then_moves_cells_along_their_velocity():
-    plain = StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P)
-    moved = StateTransitionModel(tiny_cfg(velocity_displacement=True), input_dim=D, pert_dim=P)
+    plain = Model(tiny_cfg(), input_dim=D, pert_dim=P)
+    moved = Model(tiny_cfg(), input_dim=D, pert_dim=P, velocity_displacement=True)
     moved.load_state_dict(plain.state_dict(), strict=False)
     basal, pert = inputs()
     velocity = torch.randn(B, S, D, generator=torch.Generator().manual_seed(1))
@@ -226,7 +230,7 @@ def test_velocity_displacement_starts_silent_then_moves_cells_along_their_veloci
 
 
 def test_new_perturbations_get_a_zero_velocity_gain():
-    model = StateTransitionModel(tiny_cfg(velocity_displacement=True), input_dim=D, pert_dim=P)
+    model = Model(tiny_cfg(), input_dim=D, pert_dim=P, velocity_displacement=True)
     with torch.no_grad():
         model.velocity_displacement.gain.fill_(0.5)
     model.extend_perturbations(P + 2)
@@ -239,9 +243,9 @@ def test_new_perturbations_get_a_zero_velocity_gain():
 
 
 def test_set_dropout_reaches_every_encoder_dropout_and_says_when_there_is_none():
-    deep = StateTransitionModel(tiny_cfg(n_encoder_layers=2, n_decoder_layers=2, confidence_token=True),
+    deep = Model(tiny_cfg(n_encoder_layers=2, n_decoder_layers=2, confidence_token=True),
                                 input_dim=D, pert_dim=P)
     assert deep.set_dropout(0.3) == 5  # pert/basal encoder, project_out, two in the confidence head
     rates = {m.p for name, m in deep.named_modules() if isinstance(m, torch.nn.Dropout) and "gene_decoder" not in name}
-    assert rates == {0.3} and deep.cfg.dropout == 0.3
-    assert StateTransitionModel(tiny_cfg(), input_dim=D, pert_dim=P).set_dropout(0.3) == 0  # single Linear layers
+    assert rates == {0.3} and deep.cfg.dropout == 0.0  # the config it was built from is not rewritten
+    assert Model(tiny_cfg(), input_dim=D, pert_dim=P).set_dropout(0.3) == 0  # single Linear layers

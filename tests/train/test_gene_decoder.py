@@ -7,10 +7,10 @@ import pytest
 import torch
 from stlib_testing import REPO, tiny_overrides
 
-from stlib.adapters.lora import base_model
 from stlib.config import load_config
 from stlib.evaluate.predict import _config_for, predict_run, predict_split
-from stlib.models.loading import load_any, load_lightning_state_dict
+from stlib.loading import load_any, load_lightning_state_dict
+from stlib.models.parameters import base_model
 from stlib.models.state_transition import GeneDecoder
 from stlib.train.run import prepare_run, train
 
@@ -72,8 +72,8 @@ def test_fine_tuning_into_genes_adds_a_decoder_that_trains_beside_the_adapters(t
         "model.decoder_hidden=[24]"]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
     loaded = load_any(run_dir)  # strict: the saved config describes the model that was trained
-    assert "gene_decoder" in loaded.model_cfg.lora.modules_to_save
-    assert loaded.model_cfg.decoder_hidden == [24]  # the fine-tune's own width: the base had no decoder to inherit
+    assert "gene_decoder" in loaded.config.lora.modules_to_save
+    assert loaded.config.decoder.hidden == [24]  # the fine-tune's own width: the base had no decoder to inherit
     decoder = base_model(loaded.model).gene_decoder
     assert decoder is not None and decoder.gene_dim == loaded.dims["gene_dim"]
     first = load_lightning_state_dict(run_dir / "checkpoints" / "step_5.ckpt")
@@ -114,9 +114,9 @@ def test_runs_saved_before_the_linear_readout_still_load(tiny_study, tiny_base):
     config = run_dir / "config.yaml"
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
                               if "decoder_skip:" not in line))  # as an older stlib wrote it
-    assert load_config(config).model.decoder_skip  # the default now
+    assert load_config(config).decoder.skip  # the default now
     loaded = load_any(run_dir)
-    assert not base_model(loaded.model).gene_decoder.skip and not loaded.model_cfg.decoder_skip
+    assert not base_model(loaded.model).gene_decoder.skip and not loaded.config.decoder.skip
 
 
 def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, decoder_base):

@@ -9,14 +9,15 @@ import pytest
 import torch
 from stlib_testing import REPO, STATE_FIXTURE, tiny_overrides
 
-from stlib.adapters.lora import base_model
 from stlib.config import ConfigError, load_config
 from stlib.data.errors import DataError
 from stlib.evaluate.predict import _config_for, predict_split
 from stlib.evaluate.tensorboard import read_scalars
-from stlib.models.loading import load_any, load_lightning_state_dict
+from stlib.finetune import extend_pert_map
+from stlib.loading import load_any, load_lightning_state_dict
+from stlib.models.parameters import base_model
 from stlib.train.module import NonFiniteLossError, STLightningModule, warmup_cosine
-from stlib.train.run import extend_pert_map, prepare_run, train
+from stlib.train.run import prepare_run, train
 
 VARIANTS = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
 
@@ -212,17 +213,13 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
     assert np.array_equal(outs[0][key].numpy(), outs[1][key].numpy())
 
 
-FINETUNE_CHOICES = {"blur", "cell_set_len", "decoder_loss_weight", "dropout", "init_from", "lora", "loss", "mhc",
-                    "set_mean_weight", "time_encoder", "decoder_skip_ridge", "velocity_displacement",
-                    "velocity_gain_lr_scale",
-                    "use_mhc", "use_velocity_alignment", "velocity_beta", "velocity_lambda", "velocity_warmup_steps"}
+FINETUNE_CHOICES = {"cell_set_len", "dropout", "init_from", "time_encoder"}
 
 
 def test_every_model_field_is_either_inherited_from_the_base_or_a_fine_tuning_choice():
     import dataclasses
 
-    from stlib.config import ModelConfig
-    from stlib.train.run import ARCHITECTURE_FIELDS
+    from stlib.config import ARCHITECTURE_FIELDS, ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert fields == set(ARCHITECTURE_FIELDS) | FINETUNE_CHOICES, "classify the new ModelConfig field"
@@ -241,8 +238,8 @@ def test_fine_tunes_from_a_real_state_run_dir(tmp_path):
     ]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
     loaded = load_any(run_dir)
-    assert loaded.model_cfg.hidden_dim == 32 and loaded.model_cfg.n_layers == 2  # State's architecture
-    assert loaded.model_cfg.embed_vocab_size == 32000  # even the unused embedding keeps State's shape
+    assert loaded.config.model.hidden_dim == 32 and loaded.config.model.n_layers == 2  # State's architecture
+    assert loaded.config.model.embed_vocab_size == 32000  # even the unused embedding keeps State's shape
     assert set(loaded.pert_map) == {"Burn", "Sham"}
 
 
@@ -305,7 +302,7 @@ def test_a_time_encoder_is_added_to_the_base_trained_and_used_for_prediction(tin
                                                                                   "model.time_encoder=true"])
     run_dir = train(cfg, overrides)
     loaded = load_any(run_dir)  # strict: config.yaml + model_dims.json describe the model with its time encoder
-    assert loaded.model_cfg.time_encoder and loaded.dims["time_values"] == ["10", "14", "19"]
+    assert loaded.config.model.time_encoder and loaded.dims["time_values"] == ["10", "14", "19"]
     weights = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
     (key,) = [k for k in weights if "time_encoder" in k]
     assert weights[key].abs().sum() > 0  # started at zero, trained beside the adapters
@@ -316,7 +313,7 @@ def test_a_time_encoder_is_added_to_the_base_trained_and_used_for_prediction(tin
 def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_from_velocity(velocity_data, tiny_base):
     cfg, overrides = finetune_cfg(velocity_data, tiny_base, "st_lora_velocity", steps=6,
                                   extra=["name=displaced", "model.velocity_gain_lr_scale=50"])
-    assert cfg.model.velocity_displacement  # the velocity variants' configs turn it on
+    assert cfg.velocity.displacement  # the velocity variants' configs turn it on
     prep = prepare_run(cfg)
     module = STLightningModule(prep.model, prep.cfg)
     groups = module.configure_optimizers()["optimizer"].param_groups
@@ -332,9 +329,9 @@ def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_fro
     assert pred.n_obs > 0
 
     again, _ = finetune_cfg(velocity_data, run_dir, "st_lora", extra=["name=from_displaced"])
-    assert not again.model.velocity_displacement  # st_lora does not ask for it, but its base has it
+    assert not again.velocity.displacement  # st_lora does not ask for it, but its base has it
     prep = prepare_run(again)
-    assert prep.cfg.model.velocity_displacement and prep.datamodule.store.velocity is not None
+    assert prep.cfg.velocity.displacement and prep.datamodule.store.velocity is not None
     torch.testing.assert_close(base_model(prep.model).velocity_displacement.gain.detach(), gain)
 
     import anndata as ad
@@ -354,7 +351,7 @@ def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_fro
 def test_a_fine_tune_sets_its_own_dropout_on_the_base(tiny_study):
     overrides = tiny_overrides(tiny_study, "deep_base", "source_perturbations.toml", 2) + ["model.n_encoder_layers=2"]
     base = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
-    assert load_any(base).model_cfg.dropout == 0.0
+    assert load_any(base).config.model.dropout == 0.0
     cfg, _ = finetune_cfg(tiny_study, base, "st_lora", extra=["name=dropout_ft", "model.dropout=0.2"])
     model = base_model(prepare_run(cfg).model)
     rates = [m.p for m in model.basal_encoder.modules() if isinstance(m, torch.nn.Dropout)]
