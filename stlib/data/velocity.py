@@ -18,7 +18,7 @@ the cell's RNA velocity in that same space, weighted by how much scvelo trusts i
 
 X, layers, obs and var of the input are left as they were. The neighbour graph is scvelo's usual one
 (PCA of the normalised, log1p spliced counts, 30 neighbours), built with scanpy's exact sklearn kNN so no
-numba JIT runs (umap/pynndescent cost ~25 s per process); displacements are measured in the embedding.
+numba JIT runs (umap/pynndescent would compile in every process); displacements are measured in the embedding.
 
 embed_key: an obsm key ("X_state" -> scvelo basis "state"); a key without the "X_" prefix, or "X"
 itself (the expression matrix as the model's space, densified), is copied under a temporary "X_<basis>"
@@ -115,8 +115,8 @@ def compute_velocity(
 ) -> ad.AnnData:
     """scvelo velocity projected into obsm[embed_key]; adds obsm/obs/uns keys in place and returns adata.
 
-    n_jobs: loky processes for scvelo's velocity graph, the slowest step; identical results. On the 2-core
-    dev machine 2 processes were slower (process start-up); use more on a many-core node."""
+    n_jobs: loky processes for scvelo's velocity graph, the slowest step; identical results. Each process pays
+    a start-up cost, so more than one pays off on many-core nodes only."""
     _check(adata, embed_key, mode)
     import scanpy as sc
 
@@ -139,7 +139,7 @@ def compute_velocity(
             raise VelocityError(f"only {work.n_vars} gene(s) pass min_shared_counts={min_shared_counts}; lower it")
         pcs = min(pcs, work.n_vars - 1)
         sc.pp.pca(work, n_comps=pcs, random_state=0)
-        # exact sklearn kNN + gauss kernel: no numba JIT (~25 s per process for umap/pynndescent); scvelo's
+        # exact sklearn kNN + gauss kernel: no numba JIT (umap/pynndescent compile in every process); scvelo's
         # moments binarise the graph anyway, so the kernel does not change Ms/Mu
         sc.pp.neighbors(work, n_neighbors=n_neighbors, n_pcs=pcs, method="gauss", transformer="sklearn")
         scv.pp.moments(work, n_pcs=pcs, n_neighbors=n_neighbors)

@@ -7,8 +7,8 @@ time point has none). Shifts are group mean − control mean, in X's space (G ge
 The real shift is taken from all of the group's controls. The predicted shift is taken from the controls
 the predictions were made from, when pred's obs names them (``basal_index``, as ``stlib predict`` and the
 baselines write it): a model predicts from a random draw of control cells, and that draw's mean differs
-from the full control mean by sampling noise (~25 % of the Burn shift's norm for groups of ~100 cells
-here) that says nothing about the model. Without ``basal_index``, all of the group's controls.
+from the full control mean by sampling noise that says nothing about the model. Without ``basal_index``,
+all of the group's controls.
 
 Metrics per group:
 - ``gene_correlation``: Pearson r over G between predicted and real shift.
@@ -33,8 +33,8 @@ Per perturbation and cell type, over T >= 3 time points:
   (P − P̄ = c·(R − R̄), c > 0), −1 for exactly reversed changes, near −0.5 when days are swapped cyclically,
   0 when the prediction does not change over time (a constant shift, like both baselines), NaN with
   fewer than 3 time points or no real change over time. Using all G dims, not only positions along one
-  axis, matters with 3 time points: a Pearson r of 3 projected positions exceeds 0.9 in absolute value
-  for 29% of unrelated predictions.
+  axis, matters with 3 time points: a Pearson r of 3 projected positions is often near ±1 for unrelated
+  predictions.
 
 Aggregation: a cell type's row is the mean over its groups (temporal coherence: mean over
 perturbations); the overall row (``cell_type == "all"``) is the mean over all groups, each group weighted
