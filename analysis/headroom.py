@@ -11,7 +11,7 @@ Pearson r of its true effect with
 The gap between the first column and 1 is what only the held-out type's own trajectory response explains,
 which no training example shows.
 
-    .venv/bin/python benchmarks/headroom.py [--data data/wound_healing.h5ad]
+    .venv/bin/python analysis/headroom.py [--data data/wound_healing.h5ad]
 """
 
 from __future__ import annotations
@@ -22,11 +22,7 @@ import anndata as ad
 import numpy as np
 
 from stlib.data.synthetic import ZEROSHOT, make_gene_programs
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+from stlib.evaluate.metrics import pearson
 
 
 def main() -> None:
