@@ -19,8 +19,8 @@ import torch
 from study import DATA, group_shift, load_study, perturbed_groups
 
 from stlib.evaluate.layout import rows
-from stlib.evaluate.linear import ridge_solve
 from stlib.evaluate.metrics import pearson
+from stlib.linear import normal_equations, ridge_solve
 
 PENALTIES = (0.0, 1e-3, 1e-2, 3e-2, 1e-1, 1.0)
 
@@ -40,8 +40,8 @@ def main() -> None:
     decoder = decoder.eval()
     dm = load_study(args.data)
     emb, genes = dm.store.embed, dm.store.genes
-    normal_equations = dm.train_normal_equations()
-    slopes = {p: ridge_solve(*normal_equations, p)[0] for p in PENALTIES}
+    equations = normal_equations(dm.train_cell_chunks())
+    slopes = {p: ridge_solve(*equations, p)[0] for p in PENALTIES}
 
     @torch.no_grad()
     def decoded_change(controls: np.ndarray, shift: np.ndarray) -> np.ndarray:

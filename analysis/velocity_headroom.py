@@ -18,8 +18,8 @@ import numpy as np
 from study import DATA, group_shift, load_study, perturbed_groups, train_mean_shift
 
 from stlib.evaluate.layout import mean_rows
-from stlib.evaluate.linear import ridge_solve
 from stlib.evaluate.metrics import pearson
+from stlib.linear import normal_equations, ridge_solve
 
 VELOCITY_KEYS = {"scvelo": "velocity_X_state", "true": "true_velocity_X_state"}
 RIDGE = 1e-2  # as model.decoder_skip_ridge
@@ -58,7 +58,7 @@ def main() -> None:
             print(f"{name:8s} {label:6s} {base:10.3f} {alpha:8.3g} {plus:19.3f}")
 
     genes, velocity = dm.store.genes, obsm[VELOCITY_KEYS["scvelo"]]
-    slope, _ = ridge_solve(*dm.train_normal_equations(), RIDGE)  # [D, G]
+    slope, _ = ridge_solve(*normal_equations(dm.train_cell_chunks()), RIDGE)  # [D, G]
     gene_shift = train_mean_shift(dm, genes)
     alpha = velocity_gain(shift_and_velocity(emb, velocity, train_groups), shift)
     scores = [[pearson(gene_shift, real), pearson(shift @ slope, real), pearson((shift + alpha * v) @ slope, real)]

@@ -23,7 +23,8 @@ from stlib.adapters.lora import apply_lora, merge_lora
 from stlib.adapters.mhc import apply_mhc
 from stlib.config import ARCHITECTURE_FIELDS, DECODER_FIELDS, Config
 from stlib.errors import ConfigError
-from stlib.models.state_transition import StateTransitionModel, normal_equations
+from stlib.linear import normal_equations
+from stlib.models.state_transition import StateTransitionModel
 
 if TYPE_CHECKING:
     from stlib.data.datamodule import PerturbationDataModule

@@ -79,3 +79,27 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml", ["training.max_steps=7"])
     assert "# overrides: training.max_steps=7" in (tmp_path / "config.yaml").read_text()
     assert config_to_dict(load_config(tmp_path / "config.yaml")) == config_to_dict(cfg)
+
+
+def test_a_config_in_the_layout_before_the_groups_still_loads():
+    """Run dirs saved before the config groups wrote losses, decoder, velocity, LoRA and mHC under `model`."""
+    from stlib.config import config_from_dict
+
+    old = {"model": {"hidden_dim": 64, "loss": "sinkhorn", "blur": 0.1, "decoder_hidden": [32], "decoder_skip": False,
+                     "use_mhc": True, "mhc": {"n_streams": 2}, "lora": {"enable": True, "r": 4},
+                     "use_velocity_alignment": True, "velocity_lambda": 0.01, "velocity_displacement": True},
+           "data": {"kwargs": {"embed_key": "X_emb"}}}
+    cfg = config_from_dict(old)
+    assert cfg.model.hidden_dim == 64 and cfg.data.embed_key == "X_emb"
+    assert (cfg.loss.name, cfg.loss.blur) == ("sinkhorn", 0.1)
+    assert cfg.decoder.hidden == [32] and not cfg.decoder.skip
+    assert cfg.mhc.enable and cfg.mhc.n_streams == 2 and cfg.lora.enable and cfg.lora.r == 4
+    assert cfg.velocity.alignment and cfg.velocity.loss_weight == 0.01 and cfg.velocity.displacement
+
+
+def test_required_data_keys_are_named_before_any_data_is_read(tmp_path):
+    from stlib.config import Config
+
+    cfg = Config()
+    with pytest.raises(ConfigError, match=r"data\.toml_config_path, data\.embed_key, data\.pert_col"):
+        cfg.data.check_required()

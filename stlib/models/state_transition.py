@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from torch import nn
 
 from stlib.config import DecoderConfig, ModelConfig
 from stlib.errors import ConfigError
+from stlib.linear import ridge_solve
 from stlib.models.backbone import SetTransformer
 
 ACTIVATIONS = {
@@ -110,8 +112,8 @@ class GeneDecoder(nn.Module):
         """Set the linear readout to the ridge solution and the MLP's last layer to zero (it starts as that readout).
 
         ``gram`` = [E 1]^T [E 1] ([D+1, D+1]) and ``cross`` = [E 1]^T X ([D+1, G]) over ``n_cells`` cells with
-        embedding E and expression X (see ``PerturbationDataModule.train_normal_equations``); the penalty is
-        ``ridge * n_cells`` on the weights, not the bias.
+        embedding E and expression X (:func:`stlib.linear.normal_equations`); the penalty is ``ridge * n_cells``
+        on the weights, not the bias (:func:`stlib.linear.ridge_solve`).
         """
         if not self.skip:
             raise ValueError("fit_skip needs a decoder built with skip=True (decoder.skip)")
@@ -119,33 +121,13 @@ class GeneDecoder(nn.Module):
         if gram.shape != (d + 1, d + 1) or cross.shape != (d + 1, self.gene_dim):
             raise ValueError(f"expected gram [{d + 1}, {d + 1}] and cross [{d + 1}, {self.gene_dim}], got "
                              f"{tuple(gram.shape)} and {tuple(cross.shape)}")
-        penalty = torch.full((d + 1,), ridge * n_cells, dtype=torch.float64)
-        penalty[-1] = 0.0
-        solution = torch.linalg.solve(gram.double() + torch.diag(penalty), cross.double())  # [D+1, G]
-        self.skip_weight.copy_(solution[:-1].T.to(self.skip_weight))
-        self.skip_bias.copy_(solution[-1].to(self.skip_bias))
+        weight, bias = ridge_solve(np.asarray(gram, dtype=np.float64), np.asarray(cross, dtype=np.float64), n_cells,
+                                   ridge)  # [D, G], [G]
+        self.skip_weight.copy_(torch.from_numpy(weight.T).to(self.skip_weight))
+        self.skip_bias.copy_(torch.from_numpy(bias).to(self.skip_bias))
         last = self.decoder[-2]
         last.weight.zero_()
         last.bias.zero_()
-
-
-def normal_equations(chunks) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """([E 1]^T [E 1], [E 1]^T X, n) in float64 from chunks of (embedding E [n, D], expression X [n, G]).
-
-    Summed chunk by chunk so a large study's expression is never dense all at once; feeds
-    :meth:`GeneDecoder.fit_skip`.
-    """
-    gram = cross = None
-    n = 0
-    for emb, genes in chunks:
-        e = torch.cat([torch.as_tensor(emb, dtype=torch.float64), torch.ones(len(emb), 1, dtype=torch.float64)], 1)
-        x = torch.as_tensor(genes, dtype=torch.float64)
-        gram = e.T @ e if gram is None else gram + e.T @ e
-        cross = e.T @ x if cross is None else cross + e.T @ x
-        n += len(emb)
-    if gram is None:
-        raise ValueError("normal_equations: no cells")
-    return gram, cross, n
 
 
 class VelocityDisplacement(nn.Module):

@@ -1,10 +1,8 @@
-"""ridge_solve: exact without a penalty, the same readout as GeneDecoder.fit_skip with one."""
+"""ridge_solve is exact without a penalty; normal_equations summed in chunks equal a single pass."""
 
 import numpy as np
-import torch
 
-from stlib.evaluate.linear import ridge_solve
-from stlib.models.state_transition import GeneDecoder
+from stlib.linear import normal_equations, ridge_solve
 
 
 def _normal_equations(e: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,12 +18,12 @@ def test_recovers_a_linear_map_without_penalty():
     np.testing.assert_allclose(b, bias, atol=1e-10)
 
 
-def test_matches_the_gene_decoders_linear_readout():
+def test_normal_equations_summed_in_chunks_equal_one_pass():
     rng = np.random.default_rng(1)
     e, x = rng.normal(size=(100, 4)), rng.normal(size=(100, 6))
     gram, cross = _normal_equations(e, x)
-    decoder = GeneDecoder(4, 6, [8], 0.0, softplus=False, skip=True).double()
-    decoder.fit_skip(torch.from_numpy(gram), torch.from_numpy(cross), 100, 0.05)
-    w, b = ridge_solve(gram, cross, 100, 0.05)
-    np.testing.assert_allclose(decoder.skip_weight.numpy(), w.T, atol=1e-10)
-    np.testing.assert_allclose(decoder.skip_bias.numpy(), b, atol=1e-10)
+    chunks = ((e[i:i + 30], x[i:i + 30]) for i in range(0, 100, 30))  # uneven last chunk
+    got_gram, got_cross, n = normal_equations(chunks)
+    assert n == 100
+    np.testing.assert_allclose(got_gram, gram, atol=1e-10)
+    np.testing.assert_allclose(got_cross, cross, atol=1e-10)
