@@ -31,7 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 
 lint: setup
-	$(BIN)/ruff check stlib tests benchmarks
+	$(BIN)/ruff check stlib tests benchmarks analysis tools
 
 # Generated outputs only (runs, predictions, figures, logs, scripts); data/ and .venv stay.
 clean-results:

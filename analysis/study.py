@@ -14,6 +14,7 @@ import numpy as np
 from stlib.config import load_config
 from stlib.data.cellsets import Group
 from stlib.data.datamodule import PerturbationDataModule
+from stlib.evaluate.baselines import train_cell_type_shifts
 from stlib.evaluate.layout import mean_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,18 +46,12 @@ def group_shift(matrix, group: Group) -> np.ndarray:
 def train_type_shifts(dm: PerturbationDataModule, matrix) -> dict[str, np.ndarray]:
     """Training cell type -> its perturbed cells' mean minus its controls' mean; one perturbation (Burn) assumed.
 
-    Their mean is the mean-shift baseline's shift (``stlib.evaluate.predict._train_mean_shift``).
+    Their mean is the mean-shift baseline's shift (:func:`stlib.evaluate.baselines.train_mean_shifts`).
     """
-    groups = dm.groups("train")
-    if len({g.pert for g in groups} - {dm.data_cfg.control_pert}) != 1:
+    by_pert = train_cell_type_shifts(dm, matrix)
+    if len(by_pert) != 1:
         raise ValueError("train_type_shifts expects exactly one perturbation besides the control")
-    out = {}
-    for c in sorted({g.cell_type for g in groups}):
-        treated = [g.obs_indices for g in groups if g.cell_type == c and g.pert != dm.data_cfg.control_pert]
-        control = [g.obs_indices for g in groups if g.cell_type == c and g.pert == dm.data_cfg.control_pert]
-        if treated and control:
-            out[c] = mean_rows(matrix, np.concatenate(treated)) - mean_rows(matrix, np.concatenate(control))
-    return out
+    return next(iter(by_pert.values()))
 
 
 def train_mean_shift(dm: PerturbationDataModule, matrix) -> np.ndarray:

@@ -23,7 +23,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 VARIANTS = ("st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity")
 
 
@@ -63,16 +62,15 @@ def main() -> None:
         raise SystemExit("no CUDA GPU here: this benchmark is for a GPU machine (--dry-run runs it on CPU)")
     device = "cpu" if args.dry_run else "cuda"
 
-    from test_gpu import true_velocity_study
-
-    from stlib.data.synthetic import write_default_data
+    from stlib.data.synthetic import use_true_velocity, write_default_data
 
     report: dict = {"versions": versions(device)}
     print(json.dumps(report["versions"]), flush=True)
     root = Path(tempfile.mkdtemp(prefix="stlib_gpu_"))
     started = time.perf_counter()
-    write_default_data(root / "generated" / "data", n_cells=args.cells, n_source_cells=args.cells)
-    study = true_velocity_study(root / "generated", root / "study")
+    study = root / "study"
+    write_default_data(study / "data", n_cells=args.cells, n_source_cells=args.cells)
+    use_true_velocity(study / "data" / "wound_healing.h5ad")
     report["make_data_s"] = round(time.perf_counter() - started, 1)
     common = ["training.devices=1", f"training.accelerator={'cpu' if args.dry_run else 'gpu'}",
               "training.progress_bar=false", f"output_dir={root / 'runs'}"]

@@ -72,7 +72,7 @@ def _pandas_wide():
 
 
 def _cmd_scripts(args) -> None:
-    from stlib.scripts import write_train_scripts
+    from stlib.train_scripts import write_train_scripts
 
     paths = write_train_scripts(args.variants, out_dir=args.out, configs_dir=args.configs_dir,
                                 overrides=args.overrides, log_dir=args.log_dir, launcher=args.launcher)
@@ -81,7 +81,7 @@ def _cmd_scripts(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from stlib.pipeline import run_demo
+    from stlib.demo import run_demo
 
     run_demo(max_steps=args.max_steps, root=Path(args.root), seed=args.seed)
 

@@ -10,7 +10,7 @@ from stlib_testing import REPO, STATE_FIXTURE
 
 import stlib
 from stlib.cli import main
-from stlib.scripts import plan_scripts
+from stlib.train_scripts import plan_scripts
 
 
 def test_typo_is_one_line_and_exit_code_2(capsys):

@@ -20,16 +20,10 @@ PRECISIONS = ("32-true", "bf16-mixed")
 
 def true_velocity_study(tiny_study: Path, root: Path) -> Path:
     """A copy of the tiny study whose velocity (what `stlib velocity` writes) is the simulation's truth."""
-    import anndata as ad
-
-    from stlib.data.io import write_h5ad
+    from stlib.data.synthetic import use_true_velocity
 
     shutil.copytree(tiny_study / "data", root / "data")
-    path = root / "data" / "wound_healing.h5ad"
-    adata = ad.read_h5ad(path)
-    adata.obsm["velocity_X_state"] = adata.obsm["true_velocity_X_state"].copy()
-    adata.obs["velocity_confidence"] = np.ones(adata.n_obs, dtype=np.float32)
-    write_h5ad(adata, path)
+    use_true_velocity(root / "data" / "wound_healing.h5ad")
     return root
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from stlib_testing import REPO, TINY_TRAINING
 
 from stlib.config import ConfigError
-from stlib.scripts import parallel_commands, plan_scripts, run_scripts, status_table, tensorboard_command
+from stlib.train_scripts import parallel_commands, plan_scripts, run_scripts, status_table, tensorboard_command
 
 
 def _overrides(study: Path, base: Path, steps: int = 4) -> list[str]:

@@ -25,33 +25,33 @@ base_checkpoint = "results/runs/base"    # stlib run dir, State run dir (e.g. ST
 variants = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
 max_steps = 300
 batch_size = 8
-lr = None                                # None: the config's (5e-4 CPU demo; the study plan used 5e-5 for 10k steps)
+lr = None                                # None: the config's (5e-3 for the CPU demo; the study plan used 5e-5 for 10k steps)
 devices = None                           # None: one GPU if present, else CPU
 output_root = "results/runs"
 seed = 42
 run_mode = "sequential"                  # "sequential" | "scripts_only"
 launcher = "bash"                        # "bash" | "slurm" (writes .sbatch files)
 overwrite = False                        # True: retrain finished variants (old run dirs are moved aside)
-extra_overrides = []                     # any other key=value, e.g. ["model.hidden_dim=256"]
+extra_overrides = []                     # more config overrides as the CLI takes them (dot notation)
 scripts_dir = "train_scripts"            # where the scripts go (relative to the repository root)
 logs_dir = "logs"                        # where `tee` writes <variant>_training.log"""),
     new_code_cell("""import os
-from stlib import scripts, workflow
+from stlib import notebook, train_scripts
 
-root = workflow.find_repo_root()
+root = notebook.find_repo_root()
 os.chdir(root)
-overrides = workflow.training_overrides(data_toml, base_checkpoint, max_steps, batch_size, lr, devices, output_root,
+overrides = notebook.training_overrides(data_toml, base_checkpoint, max_steps, batch_size, lr, devices, output_root,
                                         seed, extra_overrides)
-specs = scripts.plan_scripts(variants, out_dir=scripts_dir, overrides=overrides, log_dir=logs_dir, launcher=launcher)
+specs = train_scripts.plan_scripts(variants, out_dir=scripts_dir, overrides=overrides, log_dir=logs_dir, launcher=launcher)
 print("\\n".join(str(s.path) for s in specs))"""),
     new_markdown_cell("Commands to run the variants yourself — one after another, side by side on several GPUs, and TensorBoard for all of them:"),
     new_code_cell("""print("\\n".join(f"bash {s.path} 2>&1 | tee {s.log}" for s in specs))
 print()
-print("\\n".join(scripts.parallel_commands(specs, gpus=[0, 1, 2, 3])))
+print("\\n".join(train_scripts.parallel_commands(specs, gpus=[0, 1, 2, 3])))
 print()
-print(scripts.tensorboard_command(specs))"""),
-    new_code_cell("""status = scripts.run_scripts(specs, overwrite=overwrite) if run_mode == "sequential" and launcher == "bash" else None"""),
-    new_code_cell("""scripts.status_table(specs)"""),
+print(train_scripts.tensorboard_command(specs))"""),
+    new_code_cell("""status = train_scripts.run_scripts(specs, overwrite=overwrite) if run_mode == "sequential" and launcher == "bash" else None"""),
+    new_code_cell("""train_scripts.status_table(specs)"""),
 ])
 
 compare = nb([
@@ -70,23 +70,23 @@ predictions_dir = "results/predictions"
 split = "test\""""),
     new_code_cell("""%matplotlib inline
 import os
-from stlib import workflow
+from stlib import notebook
 
-os.chdir(workflow.find_repo_root())
-pred_paths = workflow.predict_all(variants, runs_root, predictions_dir, split)
+os.chdir(notebook.find_repo_root())
+pred_paths = notebook.predict_all(variants, runs_root, predictions_dir, split)
 pred_paths"""),
     new_markdown_cell("## Accuracy on held-out groups (models and baselines)"),
-    new_code_cell("""summary, per_celltype = workflow.evaluate_all(pred_paths, results_dir)
+    new_code_cell("""summary, per_celltype = notebook.evaluate_all(pred_paths, results_dir)
 summary"""),
     new_code_cell("""per_celltype"""),
-    new_code_cell("""workflow.metrics_heatmap_figure(summary, per_celltype, results_dir)"""),
+    new_code_cell("""notebook.metrics_heatmap_figure(summary, per_celltype, results_dir)"""),
     new_markdown_cell("## Training dynamics: loss curves and gradient-norm stability"),
-    new_code_cell("""scalars = workflow.load_all_scalars(variants, runs_root)
-workflow.loss_curves_figure(scalars, results_dir)"""),
-    new_code_cell("""workflow.grad_norm_figure(scalars, results_dir)"""),
-    new_code_cell("""workflow.training_dynamics_table(variants, runs_root, results_dir)"""),
+    new_code_cell("""scalars = notebook.load_all_scalars(variants, runs_root)
+notebook.loss_curves_figure(scalars, results_dir)"""),
+    new_code_cell("""notebook.grad_norm_figure(scalars, results_dir)"""),
+    new_code_cell("""notebook.training_dynamics_table(variants, runs_root, results_dir)"""),
     new_markdown_cell("## Real vs predicted cells: one shared UMAP, one panel per model"),
-    new_code_cell("""workflow.umap_figure(pred_paths, results_dir)"""),
+    new_code_cell("""notebook.umap_figure(pred_paths, results_dir)"""),
 ])
 nbf.write(train, "/work/main/notebooks/train_all_variants.ipynb")
 nbf.write(compare, "/work/main/notebooks/compare_results.ipynb")

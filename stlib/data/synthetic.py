@@ -522,16 +522,6 @@ def make_wound_healing(
     return sim.adata
 
 
-def make_source_perturbations(
-    n_cells: int = 6000, n_genes: int = 1000, seed: int = 0, embedding_map: Mapping | None = None, embed_dim: int = 64
-) -> ad.AnnData:
-    """The simulated drug screen (pretraining domain); same genes as make_wound_healing for the same n_genes."""
-    gp = make_gene_programs(n_genes, seed)
-    sim = _simulate_source(n_cells, gp, seed)
-    _attach_embedding(sim, _map_or_fit(embedding_map, sim, embed_dim))
-    return sim.adata
-
-
 # ------------------------------------------------------------------------------------------- TOML
 
 
@@ -613,3 +603,18 @@ def write_default_data(
         zeroshot={f"source_perturbations.{SOURCE_VAL_LINE}": "val"},
     )
     return paths
+
+
+def use_true_velocity(path: str | Path) -> Path:
+    """Give a generated file the simulation's true velocity where `stlib velocity` would write scvelo's.
+
+    For checks that need velocity but not scvelo (a GPU machine without it) or a velocity without estimation error.
+    """
+    from stlib.constants import VELOCITY_CONFIDENCE_KEY, velocity_key
+    from stlib.data.io import write_h5ad
+
+    adata = ad.read_h5ad(path)
+    adata.obsm[velocity_key(EMBED_KEY)] = adata.obsm[TRUE_VELOCITY_KEY].copy()
+    adata.obs[VELOCITY_CONFIDENCE_KEY] = np.ones(adata.n_obs, dtype=np.float32)
+    write_h5ad(adata, path)
+    return Path(path)

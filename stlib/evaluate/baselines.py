@@ -7,7 +7,8 @@
   perturbation benchmarks find hard to beat. The shift is added unclipped (so, in gene space, a value
   may dip below 0) to keep its group mean exactly control mean + training shift.
 
-Both read everything from a real file: controls, groups and ``uns["stlib"]``. A group predicted from
+Both read everything from a real file: controls, groups and ``uns["stlib"]``; the training shifts stored there
+are computed by :func:`train_mean_shifts` when the file is written. A group predicted from
 controls keeps its own obs (perturbation, group_id, time, batch); ``source_index`` and ``basal_index`` are the
 control cell's.
 """
@@ -25,12 +26,14 @@ from anndata import AnnData
 
 from stlib.constants import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY
 from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
+from stlib.data.datamodule import PerturbationDataModule
 from stlib.evaluate.layout import (
     ControlIndex,
     EvalError,
     EvalSettings,
     control_mask,
     group_table,
+    mean_rows,
     read_settings,
     train_shift,
 )
@@ -119,3 +122,29 @@ BASELINES: dict[str, Callable[[AnnData], AnnData]] = {
     "control_mean": control_mean_baseline,
     "mean_shift": mean_shift_baseline,
 }
+
+
+def train_cell_type_shifts(dm: PerturbationDataModule, matrix) -> dict[str, dict[str, np.ndarray]]:
+    """Per perturbation, per training cell type: its perturbed cells' mean minus its controls' mean, [G].
+
+    Treated cells are the training split's; controls are every non-test control of that cell type.
+    """
+    labels = dm.split_labels
+    obs = dm.adata.obs
+    control = dm.data_cfg.control_pert
+    pert = obs[dm.data_cfg.pert_col].astype(str).to_numpy()
+    cell_type = obs[dm.data_cfg.cell_type_key].astype(str).to_numpy()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for p in sorted(set(pert[labels == "train"]) - {control}):
+        for ct in sorted(set(cell_type[(labels == "train") & (pert == p)])):
+            treated = np.flatnonzero((labels == "train") & (pert == p) & (cell_type == ct))
+            ctrl = np.flatnonzero((pert == control) & (cell_type == ct) & (labels != "test"))
+            if len(ctrl):
+                out.setdefault(p, {})[ct] = mean_rows(matrix, treated) - mean_rows(matrix, ctrl)
+    return out
+
+
+def train_mean_shifts(dm: PerturbationDataModule, matrix) -> dict[str, np.ndarray]:
+    """Per perturbation: the mean over training cell types of their shifts, [G] — the ``mean_shift`` baseline."""
+    return {p: np.mean(list(by_type.values()), axis=0).astype(np.float32)
+            for p, by_type in train_cell_type_shifts(dm, matrix).items()}

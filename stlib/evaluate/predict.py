@@ -37,7 +37,8 @@ from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
 from stlib.data.io import write_h5ad
 from stlib.errors import ConfigError, DataError
-from stlib.evaluate.layout import mean_rows, rows
+from stlib.evaluate.baselines import train_mean_shifts
+from stlib.evaluate.layout import rows
 from stlib.loading import LoadedModel, load_any
 from stlib.models.parameters import base_model
 
@@ -63,25 +64,6 @@ def _time_slices(group: Group, times: np.ndarray | None):
         target = group.obs_indices[times[group.obs_indices] == t]
         basal = group.basal_indices[times[group.basal_indices] == t]
         yield t, target, (basal if len(basal) else group.basal_indices)
-
-
-def _train_mean_shift(dm: PerturbationDataModule, matrix, control: str) -> dict[str, np.ndarray]:
-    """Per perturbation: mean over training cell types of (perturbed mean − control mean), [G]."""
-    labels = dm.split_labels
-    obs = dm.adata.obs
-    pert = obs[dm.data_cfg.pert_col].astype(str).to_numpy()
-    cell_type = obs[dm.data_cfg.cell_type_key].astype(str).to_numpy()
-    out = {}
-    for p in sorted(set(pert[labels == "train"]) - {control}):
-        shifts = []
-        for ct in sorted(set(cell_type[(labels == "train") & (pert == p)])):
-            treated = np.flatnonzero((labels == "train") & (pert == p) & (cell_type == ct))
-            ctrl = np.flatnonzero((pert == control) & (cell_type == ct) & (labels != "test"))
-            if len(ctrl):
-                shifts.append(mean_rows(matrix, treated) - mean_rows(matrix, ctrl))
-        if shifts:
-            out[p] = np.mean(shifts, axis=0).astype(np.float32)
-    return out
 
 
 @torch.no_grad()
@@ -216,8 +198,8 @@ def predict_split(
         "space": space,
         "gene_readout": gene_readout if genes_out else "",
         "split": split,
-        "train_mean_shift_X": _train_mean_shift(dm, shift_matrix, d.control_pert),
-        "train_mean_shift_embedding": _train_mean_shift(dm, store.embed, d.control_pert),
+        "train_mean_shift_X": train_mean_shifts(dm, shift_matrix),
+        "train_mean_shift_embedding": train_mean_shifts(dm, store.embed),
     }
     var = pd.DataFrame(index=pd.Index(var_names, dtype=str))
     pred = ad.AnnData(X=pred_x.astype(np.float32), obs=pred_obs, var=var.copy())

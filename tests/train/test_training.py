@@ -355,4 +355,4 @@ def test_a_fine_tune_sets_its_own_dropout_on_the_base(tiny_study):
     cfg, _ = finetune_cfg(tiny_study, base, "st_lora", extra=["name=dropout_ft", "model.dropout=0.2"])
     model = base_model(prepare_run(cfg).model)
     rates = [m.p for m in model.basal_encoder.modules() if isinstance(m, torch.nn.Dropout)]
-    assert rates == [0.2] and model.cfg.dropout == 0.2
+    assert rates == [0.2] and prepare_run(cfg).cfg.model.dropout == 0.2

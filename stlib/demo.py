@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from stlib.workflow import find_repo_root
+from stlib.notebook import find_repo_root
 
 DATA_DIR = Path("data")
 RESULTS = Path("results")
@@ -31,7 +31,7 @@ def _banner(text: str) -> None:
 
 def _stlib(args: list[str], log: Path) -> None:
     """Run `python -m stlib ...` through tee into a log, failing loudly."""
-    from stlib.scripts import run_teed
+    from stlib.train_scripts import run_teed
 
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "stlib", *args])
     code, tail = run_teed(command, log)

@@ -1,7 +1,7 @@
 """What the two notebooks call: each notebook cell is one of these functions and a display.
 
-`train_all_variants.ipynb`: :func:`training_overrides` -> :func:`stlib.scripts.plan_scripts` ->
-:func:`stlib.scripts.run_scripts`. `compare_results.ipynb`: :func:`predict_all` -> :func:`evaluate_all` ->
+`train_all_variants.ipynb`: :func:`training_overrides` -> :func:`stlib.train_scripts.plan_scripts` ->
+:func:`stlib.train_scripts.run_scripts`. `compare_results.ipynb`: :func:`predict_all` -> :func:`evaluate_all` ->
 :func:`load_all_scalars` -> the figure functions, each saving a PNG into `results/`.
 """
 
