@@ -71,6 +71,12 @@ def _pandas_wide():
     return pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3)
 
 
+def _cmd_export(args) -> None:
+    from stlib.loading import export_merged
+
+    print(f"[stlib] merged model: {export_merged(args.run_dir, args.merged)}")
+
+
 def _cmd_scripts(args) -> None:
     from stlib.train_scripts import write_train_scripts
 
@@ -133,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/metrics_summary.csv",
                    help="summary CSV path (per-cell-type table beside it) or a folder for both")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a standalone merged model (LoRA folded in, base included)")
+    p.add_argument("run_dir", help="run dir (or .ckpt) of a trained model")
+    p.add_argument("--merged", required=True, help="output .ckpt (loads with stlib.load_model)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("scripts", help="write train_scripts/train_<variant>.sh")
     p.add_argument("--variants", nargs="+", default=None, help="variants (default: all in configs/variants)")

@@ -163,7 +163,7 @@ class VelocityConfig:
     alignment: bool = False  # pull predicted shifts toward the basal cells' RNA velocity (a loss term)
     loss_weight: float = 0.1  # final weight of the alignment loss (lambda); 0 = no effect
     beta: float = 1.0  # confidence exponent; 0 weights all cells equally
-    warmup_steps: int = 1000  # linear ramp of loss_weight from 0
+    warmup_steps: float = 1000  # linear ramp of loss_weight from 0: steps, or a fraction of max_steps below 1
     # move each predicted cell along its basal cell's velocity by a learned gain per perturbation (zero at start);
     # needs velocity for training and prediction (`stlib velocity`)
     displacement: bool = False
@@ -223,9 +223,11 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     batch_size: int = 8  # cell sets per step
     gradient_clip_val: float = 10.0  # clip the global gradient norm; 0 = off
-    val_every_n_steps: int = 100  # validation interval in steps
-    ckpt_every_n_steps: int = 200  # step_<N>.ckpt interval
-    log_every_n_steps: int = 5
+    # intervals: a whole number of steps, or a fraction of max_steps below 1 (0.1 = every tenth of the run)
+    val_every_n_steps: float = 100  # validation interval
+    ckpt_every_n_steps: float = 200  # step_<N>.ckpt interval
+    log_every_n_steps: float = 5  # scalar logging interval
+    keep_checkpoints: int = 2  # step checkpoints kept (the newest), beside last.ckpt and final.ckpt; -1 = all
     devices: Any = "auto"  # Lightning devices: "auto", 1, [0, 1], ...
     accelerator: str = "auto"  # "auto" picks one GPU where present, else CPU
     strategy: str = "auto"  # Lightning strategy: "auto", "ddp", ...
@@ -239,9 +241,20 @@ class TrainingConfig:
     average_weights_from: float | None = None
 
     def __post_init__(self):
+        for key in ("val_every_n_steps", "ckpt_every_n_steps", "log_every_n_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"training.{key} must be > 0 (steps, or a fraction of max_steps below 1), got "
+                                  f"{getattr(self, key)}")
+        if self.keep_checkpoints < -1:
+            raise ConfigError(f"training.keep_checkpoints must be >= 0 or -1 (all), got {self.keep_checkpoints}")
         if self.average_weights_from is not None and not 0.0 <= self.average_weights_from < 1.0:
             raise ConfigError(f"training.average_weights_from must be in [0, 1) or null (off), got "
                               f"{self.average_weights_from}")
+
+
+    def steps(self, interval: float) -> int:
+        """An interval in steps: whole numbers as they are, a fraction below 1 of max_steps (at least 1 step)."""
+        return max(1, round(interval * self.max_steps)) if interval < 1 else int(interval)
 
 
 @dataclass

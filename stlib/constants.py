@@ -36,3 +36,6 @@ ADAPTER_FILE = "adapter.pt"
 TRAINABLE_PARAMS_FILE = "trainable_params.json"
 RUN_SUMMARY_FILE = "run_summary.json"
 TENSORBOARD_DIR = "tensorboard"
+BASE_FILE = "base.json"  # a lean fine-tune's base: path, checkpoint and content hash
+LEAN_KEY = "stlib_lean"  # set in a checkpoint that holds only what trained (its base is named in base.json)
+STANDALONE_KEY = "stlib"  # in an exported checkpoint: the config, sizes and maps needed to rebuild it

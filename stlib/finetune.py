@@ -115,11 +115,15 @@ def inherit_from_base(cfg: Config, base: LoadedModel) -> Config:
     return dataclasses.replace(cfg, model=model_cfg, decoder=decoder_cfg, velocity=velocity_cfg)
 
 
-def adapt_base(base: LoadedModel, data: PerturbationDataModule, dims: dict, cfg: Config) -> tuple[nn.Module, Config]:
-    """Base model + the experiment's data -> (the model to fine-tune, the config that describes it).
+def adapt_base(base: LoadedModel, dims: dict, cfg: Config, data: PerturbationDataModule | None = None
+               ) -> tuple[nn.Module, Config]:
+    """Base model + the experiment's sizes -> (the model to fine-tune, the config that describes it).
 
-    `cfg` has gone through :func:`inherit_from_base` (the data module was built from it).
+    `cfg` has gone through :func:`inherit_from_base` (the data module was built from it). With `data`, a new gene
+    decoder starts as the training cells' readout; without it (rebuilding a saved lean run, whose checkpoint
+    brings every trained tensor) nothing is fitted and the steps are logged quietly.
     """
+    say = log.info if data is not None else log.debug
     model = merge_lora(base.model)  # a fine-tuned base: fold its adapters in, start a fresh set
     model.train()
     if dims["input_dim"] != base.dims["input_dim"]:
@@ -128,7 +132,7 @@ def adapt_base(base: LoadedModel, data: PerturbationDataModule, dims: dict, cfg:
             f"{base.dims['input_dim']}-d input: use the embedding the base was trained on"
         )
     if cfg.model.dropout != base.config.model.dropout and not model.set_dropout(cfg.model.dropout):
-        log.info("model.dropout=%s has no layer to act on: this base's encoders and project_out are single Linear "
+        say("model.dropout=%s has no layer to act on: this base's encoders and project_out are single Linear "
                  "layers (n_encoder_layers / n_decoder_layers = 1)", cfg.model.dropout)
 
     if dims["pert_dim"] > base.dims["pert_dim"] and cfg.data.perturbation_features_file is None:
@@ -138,15 +142,16 @@ def adapt_base(base: LoadedModel, data: PerturbationDataModule, dims: dict, cfg:
 
     new_decoder = False
     if dims["gene_dim"] and model.gene_decoder is None:
-        log.info("the base model has no gene decoder: adding a new one for %d genes, trained in full", dims["gene_dim"])
+        say("the base model has no gene decoder: adding a new one for %d genes, trained in full", dims["gene_dim"])
         model.set_gene_decoder(dims["gene_dim"], cfg.decoder)
-        start_new_decoder(model.gene_decoder, data, cfg)
+        if data is not None:
+            start_new_decoder(model.gene_decoder, data, cfg)
         new_decoder = True
     elif dims["gene_dim"] and dims["gene_names"] != (base.gene_names or dims["gene_names"]):
         raise ConfigError("the data's genes differ from the base model's gene decoder genes (order and names must "
                           "match); set data.output_space=embedding to fine-tune without the decoder")
     elif not dims["gene_dim"] and model.gene_decoder is not None:
-        log.info("data.output_space=embedding: the base model's gene decoder is not used and not kept")
+        say("data.output_space=embedding: the base model's gene decoder is not used and not kept")
         model.set_gene_decoder(None)
     if model.batch_encoder is not None and dims["n_batches"] != base.dims.get("n_batches"):
         raise ConfigError("the base model has a batch encoder for other batches; set data.batch_col=null or "
@@ -158,14 +163,14 @@ def adapt_base(base: LoadedModel, data: PerturbationDataModule, dims: dict, cfg:
                               f"but data.time_col gives {dims['time_values']}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, time_encoder=True))
     elif cfg.model.time_encoder:
-        log.info("adding a time encoder (zero at start, trained in full) for time points %s", dims["time_values"])
+        say("adding a time encoder (zero at start, trained in full) for time points %s", dims["time_values"])
         model.add_time_encoder(len(dims["time_values"] or []))
     if cfg.velocity.displacement and model.velocity_displacement is None:
-        log.info("adding velocity displacement gains (zero at start, trained in full)")
+        say("adding velocity displacement gains (zero at start, trained in full)")
         model.add_velocity_displacement()
 
     if new_decoder and cfg.lora.enable and "gene_decoder" not in cfg.lora.modules_to_save:
-        log.info("the new gene decoder trains in full beside the adapters (lora.modules_to_save)")
+        say("the new gene decoder trains in full beside the adapters (lora.modules_to_save)")
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
             cfg.lora, modules_to_save=[*cfg.lora.modules_to_save, "gene_decoder"]))
     return add_adapters(model, cfg), cfg

@@ -63,15 +63,21 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return peft_model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changed: the trainable tensors (adapters, modules_to_save, mHC), and the buffers of
-    modules that train (e.g. a new gene decoder's fitted linear readout)."""
+def trained_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of what training changes: trainable tensors (adapters, modules_to_save, mHC), and the
+    buffers of modules that train (e.g. a new gene decoder's fitted linear readout). The rest is the frozen base."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
 
     def trains(module: str) -> bool:
         return any(t.startswith(module + ".") for t in trainable)
 
-    keep = trainable | {name for name, _ in model.named_buffers() if trains(name.rsplit(".", 1)[0])}
+    saved = set(model.state_dict())  # non-persistent buffers are never saved
+    return trainable | {name for name, _ in model.named_buffers() if name in saved and trains(name.rsplit(".", 1)[0])}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changed (:func:`trained_keys`), detached on the CPU."""
+    keep = trained_keys(model)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
 
 

@@ -6,6 +6,7 @@ One lookup for both layouts: both keep Lightning checkpoints under ``checkpoints
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -48,9 +49,10 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint as a dict, read without executing code from the file (weights_only)."""
+    """A Lightning checkpoint as a dict, read without executing code from the file (weights_only), memory-mapped
+    so a large base is paged in as its tensors are used rather than copied up front."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
         raise ModelLoadError(f"cannot read {path} as a weights-only checkpoint: {exc}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -58,7 +60,16 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_lightning_state_dict(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+def lightning_state_dict(ckpt: dict, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The model's tensors from a checkpoint our LightningModule wrote (keys under `prefix`, prefix removed)."""
-    state = read_checkpoint(path)["state_dict"]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_lightning_state_dict(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return lightning_state_dict(read_checkpoint(path), prefix)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: names a base checkpoint by content, so a moved or changed base is noticed."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from stlib.adapters.lora import trained_keys
 from stlib.config import Config
-from stlib.errors import StlibError
+from stlib.constants import LEAN_KEY
+from stlib.errors import ModelLoadError, StlibError
 from stlib.losses.distributional import set_loss, set_mean_loss
 from stlib.losses.velocity import velocity_alignment_loss, velocity_weight
 from stlib.models.parameters import base_model
@@ -45,11 +47,15 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 class STLightningModule(L.LightningModule):
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, lean: bool = False):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self._last_batch_time: float | None = None
+        # lean: checkpoints hold what trains (adapters, modules trained in full), not the frozen base they name
+        self.lean = lean
+        self.strict_loading = not lean  # a lean checkpoint lacks the frozen base by design; checked on load
+        self._trained = {f"model.{k}" for k in trained_keys(model)} if lean else None
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, batch: dict) -> dict:
@@ -79,7 +85,7 @@ class STLightningModule(L.LightningModule):
             losses["confidence_loss"] = nn.functional.mse_loss(out["confidence"].float(), per_set.detach())
             total = total + 0.1 * losses["confidence_loss"]
         if velocity_cfg.alignment:
-            weight = velocity_weight(step, velocity_cfg.loss_weight, velocity_cfg.warmup_steps)
+            weight = velocity_weight(step, velocity_cfg.loss_weight, self.cfg.training.steps(velocity_cfg.warmup_steps))
             losses["velocity_loss"] = velocity_alignment_loss(
                 out["pred"], batch["basal"], batch["basal_velocity"], batch["basal_velocity_confidence"],
                 beta=velocity_cfg.beta,
@@ -123,6 +129,17 @@ class STLightningModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._last_batch_time = None  # validation time is not training throughput
 
+    def on_validation_end(self) -> None:
+        # Validation draws random numbers (creating its loader's iterator does); putting back the state the last
+        # training step left keeps training's random stream independent of validation passes, which a run resumed
+        # from a checkpoint taken just before one needs in order to match the unbroken run.
+        state, self._rng_after_step = getattr(self, "_rng_after_step", None), None
+        if state is not None:
+            _set_rng_state(state)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._rng_after_step = _rng_state()  # what a validation pass after this step must leave behind (~50 us)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip and log the norm *before* clipping (the stability signal we compare) in one pass over the grads.
 
@@ -142,7 +159,7 @@ class STLightningModule(L.LightningModule):
 
     def _log_mhc_stats(self, bs: int) -> None:
         step = self.global_step
-        if step % max(self.cfg.training.log_every_n_steps, 1):
+        if step % self.cfg.training.steps(self.cfg.training.log_every_n_steps):
             return
         hc = getattr(getattr(base_model(self.model), "transformer_backbone", None), "hyper_connections", None)
         if hc is None:
@@ -178,21 +195,43 @@ class STLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """RNG state goes into the checkpoint so a resumed run draws the same dropout masks as an unbroken one.
         Stored as tensors and ints, so the checkpoint still loads with torch.load(weights_only=True)."""
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint["rng_state"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate(),
-        }
+        checkpoint["rng_state"] = _rng_state()
+        if self.lean:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._trained}
+            checkpoint[LEAN_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lean:
+            missing = sorted(self._trained - set(checkpoint["state_dict"]))
+            if missing:
+                raise ModelLoadError(f"the checkpoint lacks trained tensors of this model (saved with other LoRA or "
+                                     f"mHC settings?): {missing[:5]}")
         # Applied at the first resumed batch, not now: creating DataLoader iterators draws from the torch RNG.
         self._pending_rng = checkpoint.get("rng_state")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         state, self._pending_rng = getattr(self, "_pending_rng", None), None
         if state:
-            torch.set_rng_state(state["torch"])
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-            random.setstate(state["python"])
+            _set_rng_state(state)
+
+
+def _rng_state() -> dict:
+    """torch, numpy and python RNG states, as tensors and plain values (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

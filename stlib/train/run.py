@@ -21,6 +21,7 @@ from stlib.adapters.lora import save_adapter
 from stlib.config import Config, save_config
 from stlib.constants import (
     ADAPTER_FILE,
+    BASE_FILE,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DIMS_FILE,
@@ -34,6 +35,7 @@ from stlib.data.datamodule import PerturbationDataModule, read_perturbation_name
 from stlib.errors import ConfigError
 from stlib.finetune import adapt_base, extend_pert_map, inherit_from_base, new_model
 from stlib.loading import LoadedModel, load_any
+from stlib.models.checkpoints import file_digest
 from stlib.models.parameters import trainable_counts, trainable_summary
 
 log = logging.getLogger("stlib")
@@ -75,7 +77,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     if base is None:
         model = new_model(cfg, dm, dims)
     else:
-        model, cfg = adapt_base(base, dm, dims, cfg)
+        model, cfg = adapt_base(base, dims, cfg, data=dm)
     return PreparedRun(cfg=cfg, datamodule=dm, model=model, dims=dims, base=base, summary=trainable_summary(model))
 
 
@@ -88,6 +90,20 @@ def write_run_files(prep: PreparedRun, run_dir: Path, overrides: Sequence[str]) 
     (run_dir / DIMS_FILE).write_text(json.dumps(prep.dims, indent=1))
     prep.datamodule.save_maps(run_dir)
     (run_dir / TRAINABLE_PARAMS_FILE).write_text(json.dumps(trainable_counts(prep.model), indent=1))
+    if prep.base is not None:
+        (run_dir / BASE_FILE).write_text(json.dumps(base_reference(prep.base), indent=1))
+
+
+def base_reference(base: LoadedModel) -> dict:
+    """Where a fine-tune's frozen weights come from: the base's run dir, checkpoint and content hash."""
+    ckpt = base.checkpoint_path.resolve()
+    return {"run_dir": str(base.run_dir.resolve()), "checkpoint": str(ckpt), "sha256": file_digest(ckpt),
+            "bytes": ckpt.stat().st_size, "source": base.source}
+
+
+def is_lean(cfg: Config) -> bool:
+    """LoRA fine-tunes save what trains and name their base; a model trained in full saves every tensor."""
+    return bool(cfg.model.init_from) and cfg.lora.enable
 
 
 def _resolve_devices(tcfg) -> tuple[str, object]:
@@ -139,28 +155,30 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     if resume_path is not None:
         if not resume_path.is_file():
             raise ConfigError(f"--resume {resume_path}: no such checkpoint")
-        start_step = int(torch.load(resume_path, map_location="cpu", weights_only=False).get("global_step", 0))
+        start_step = int(torch.load(resume_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
         print(f"[stlib] resuming from {resume_path} at step {start_step}", flush=True)
     prep.datamodule.start_step = start_step
     prep.datamodule.train_batches = tcfg.max_steps  # one epoch = the whole run: no epoch boundary to resume across
 
-    module = STLightningModule(prep.model, cfg)
+    module = STLightningModule(prep.model, cfg, lean=is_lean(cfg))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version=TENSORBOARD_DIR, default_hp_metric=False)
     logger.experiment.add_text("config", "```\n" + (run_dir / CONFIG_FILE).read_text() + "\n```", start_step)
     logger.experiment.add_text("trainable_params", prep.summary, start_step)
+    # the newest `keep_checkpoints` step checkpoints stay (ranked by step), beside last.ckpt and final.ckpt
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step_{step}", auto_insert_metric_name=False,
-                                 every_n_train_steps=tcfg.ckpt_every_n_steps, save_top_k=-1, save_last=True)
+                                 every_n_train_steps=tcfg.steps(tcfg.ckpt_every_n_steps), save_last=True,
+                                 save_top_k=tcfg.keep_checkpoints, monitor="step", mode="max")
     accelerator, devices = _resolve_devices(tcfg)
     callbacks = [checkpoint, LineProgress(), *extra_callbacks]
     if tcfg.average_weights_from is not None:
         callbacks.append(WeightAverage(int(tcfg.average_weights_from * tcfg.max_steps)))
     if tcfg.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, tcfg.log_every_n_steps)))
+        callbacks.append(TQDMProgressBar(refresh_rate=tcfg.steps(tcfg.log_every_n_steps)))
     trainer = L.Trainer(
         max_steps=tcfg.max_steps, accelerator=accelerator, devices=devices, strategy=tcfg.strategy,
         precision=tcfg.precision, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-        val_check_interval=min(tcfg.val_every_n_steps, tcfg.max_steps), check_val_every_n_epoch=None,
-        gradient_clip_val=tcfg.gradient_clip_val or None, log_every_n_steps=tcfg.log_every_n_steps,
+        val_check_interval=min(tcfg.steps(tcfg.val_every_n_steps), tcfg.max_steps), check_val_every_n_epoch=None,
+        gradient_clip_val=tcfg.gradient_clip_val or None, log_every_n_steps=tcfg.steps(tcfg.log_every_n_steps),
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
     )
     try:
