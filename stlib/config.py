@@ -74,7 +74,7 @@ class ModelConfig:
     """The architecture: what a checkpoint's weights fit, inherited by a fine-tune from its base."""
 
     hidden_dim: int = 128  # transformer width
-    cell_set_len: int = 64  # cells per set ("cell sentence")
+    cell_set_len: int | None = None  # cells per set ("cell sentence"); null = the base's, or 64 from scratch
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # attention heads
     head_dim: int | None = None  # per-head width; null = hidden_dim // n_heads
@@ -97,6 +97,9 @@ class ModelConfig:
     output_relu: bool = False  # clamp predictions at 0 (State does without a gene decoder or on X_hvg)
     final_down_then_up: bool = False  # State's output_space=all head: residual in input space, then D->D/8->D
     init_from: str | None = None  # stlib or State run dir, or a .ckpt, to fine-tune from; null = scratch
+    # fine-tune on another input than the base read (another obsm key): the weights then meet data they were not
+    # trained on, and the base's output clamp (output_relu) is not inherited but taken from this config
+    allow_other_input: bool = False
 
     def __post_init__(self):
         _check_choice("model.residual_space", self.residual_space, RESIDUAL_SPACES)
@@ -120,10 +123,13 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
 
-# Fields of ModelConfig a fine-tune inherits from its base (the weights only fit that shape); the rest are the
-# fine-tune's own: where it starts, its set size, its dropout, and whether it adds a time encoder.
+# Fields of ModelConfig that are a fine-tune's own choice: where it starts, its set size (null: the base's), its
+# dropout, whether it adds a time encoder, whether it accepts another input. A fine-tune inherits every other
+# field from its base: the weights only fit that shape.
+FINETUNE_FIELDS = ("init_from", "cell_set_len", "dropout", "time_encoder", "allow_other_input")
+DEFAULT_CELL_SET_LEN = 64
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
-                            if f.name not in ("init_from", "cell_set_len", "dropout", "time_encoder"))
+                            if f.name not in FINETUNE_FIELDS)
 
 
 @dataclass

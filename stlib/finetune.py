@@ -21,7 +21,7 @@ from torch import nn
 
 from stlib.adapters.lora import apply_lora, merge_lora
 from stlib.adapters.mhc import apply_mhc
-from stlib.config import ARCHITECTURE_FIELDS, DECODER_FIELDS, Config
+from stlib.config import ARCHITECTURE_FIELDS, DECODER_FIELDS, DEFAULT_CELL_SET_LEN, Config
 from stlib.errors import ConfigError
 from stlib.linear import normal_equations
 from stlib.models.state_transition import StateTransitionModel
@@ -96,12 +96,36 @@ def extend_pert_map(base_map: dict[str, int], base_control: str | None, data_per
     return mapping, new
 
 
+def check_input(cfg: Config, base: LoadedModel) -> bool:
+    """Whether the fine-tune reads the input its base was trained on; another one stops here with both named,
+    unless model.allow_other_input says the user means it."""
+    base_key = base.data_overrides.get("embed_key")
+    if not base_key or base_key == cfg.data.embed_key:
+        return True
+    what = "HVG log-expression" if base_key == "X_hvg" else "embedding" if base_key != "X" else "expression (X)"
+    relu = ", clamped at 0 (output_relu)" if base.config.model.output_relu else ""
+    if not cfg.model.allow_other_input:
+        raise ConfigError(
+            f"the base {base.run_dir} read obsm['{base_key}'] ({base.dims['input_dim']}-d {what}{relu}); data.embed_key "
+            f"is '{cfg.data.embed_key}'. Fine-tune on the input the base was trained on, or set "
+            f"model.allow_other_input=true if you mean it (the base's weights then meet another space)")
+    log.warning("fine-tuning on obsm['%s'] though the base read obsm['%s'] (model.allow_other_input=true); the "
+                "output clamp comes from this config (model.output_relu=%s), not the base", cfg.data.embed_key,
+                base_key, cfg.model.output_relu)
+    return False
+
+
 def inherit_from_base(cfg: Config, base: LoadedModel) -> Config:
     """The fine-tune's config with the base's architecture (and decoder shape, when the base has a decoder)."""
     base_cfg = base.config
-    changed = {f: getattr(base_cfg.model, f) for f in ARCHITECTURE_FIELDS
-               if getattr(cfg.model, f) != getattr(base_cfg.model, f)}
-    model_cfg = dataclasses.replace(cfg.model, **{f: getattr(base_cfg.model, f) for f in ARCHITECTURE_FIELDS})
+    same_input = check_input(cfg, base)
+    fields = [f for f in ARCHITECTURE_FIELDS if same_input or f != "output_relu"]
+    changed = {f: getattr(base_cfg.model, f) for f in fields if getattr(cfg.model, f) != getattr(base_cfg.model, f)}
+    if cfg.model.cell_set_len is None:
+        changed["cell_set_len"] = base_cfg.model.cell_set_len or DEFAULT_CELL_SET_LEN
+    model_cfg = dataclasses.replace(cfg.model, **{f: getattr(base_cfg.model, f) for f in fields},
+                                    cell_set_len=cfg.model.cell_set_len or base_cfg.model.cell_set_len
+                                    or DEFAULT_CELL_SET_LEN)
     decoder_cfg = cfg.decoder
     if base.dims.get("gene_dim"):
         changed.update({f"decoder.{f}": getattr(base_cfg.decoder, f) for f in DECODER_FIELDS

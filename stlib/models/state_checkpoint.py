@@ -75,7 +75,7 @@ UNSUPPORTED = {
     "predict_mean": False,
 }
 # LlamaConfig choices our backbone hard-codes: {key: the value we implement}.
-BACKBONE_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+BACKBONE_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bidirectional_attention": True}
 
 
 class StateCheckpointError(ModelLoadError):

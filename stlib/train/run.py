@@ -7,6 +7,7 @@ a run dir that has `checkpoints/last.ckpt` resumes from it; nothing already writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from stlib.adapters.lora import save_adapter
-from stlib.config import Config, save_config
+from stlib.config import DEFAULT_CELL_SET_LEN, Config, save_config
 from stlib.constants import (
     ADAPTER_FILE,
     BASE_FILE,
@@ -65,6 +66,8 @@ def prepare_run(cfg: Config) -> PreparedRun:
                 log.info("new perturbations (new encoder columns, initialised to the mean of the base's): %s",
                          new_perts)
 
+    if cfg.model.cell_set_len is None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cell_set_len=DEFAULT_CELL_SET_LEN))
     dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, cfg.training.batch_size, pert_map=pert_map,
                                 need_velocity=cfg.velocity.needs_velocity, seed=cfg.training.seed)
     dm.setup()

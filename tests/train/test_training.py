@@ -213,7 +213,7 @@ def test_training_is_deterministic_for_a_seed(tiny_study):
     assert np.array_equal(outs[0][key].numpy(), outs[1][key].numpy())
 
 
-FINETUNE_CHOICES = {"cell_set_len", "dropout", "init_from", "time_encoder"}
+FINETUNE_CHOICES = {"allow_other_input", "cell_set_len", "dropout", "init_from", "time_encoder"}
 
 
 def test_every_model_field_is_either_inherited_from_the_base_or_a_fine_tuning_choice():
