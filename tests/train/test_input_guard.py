@@ -36,7 +36,7 @@ def _cfg(study, base, *extra, drop_set_len=False):
 
 
 def test_another_input_than_the_base_read_stops_with_both_named(other_input_study, tiny_base):
-    with pytest.raises(ConfigError, match=r"read obsm\['X_state'\] \(16-d an embedding\).*'X_other'.*allow_other_input"):
+    with pytest.raises(ConfigError, match=r"read obsm\['X_state'\] \(16-d embedding\).*'X_other'.*allow_other_input"):
         prepare_run(_cfg(other_input_study, tiny_base, "data.embed_key=X_other"))
 
 
