@@ -51,7 +51,8 @@ def _cmd_predict(args) -> None:
     from stlib.evaluate.predict import predict_run
 
     pred, real = predict_run(args.run_dir, checkpoint=args.checkpoint, split=args.split, out_dir=args.out_dir,
-                             name=args.name, data_overrides=args.overrides, gene_readout=args.gene_readout)
+                             name=args.name, data_overrides=args.overrides, gene_readout=args.gene_readout,
+                             device=args.device, batch_size=args.batch_size)
     print(f"[stlib] predictions: {pred}\n[stlib] real cells:  {real}")
 
 
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in file names (default: the run dir's name)")
     p.add_argument("--gene-readout", default="residual", choices=["residual", "direct"],
                    help="decoded genes: basal genes + decoded change (default), or the decoder's output as is")
+    p.add_argument("--device", default="auto", help="auto (a GPU where present, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=16, help="cell sets per forward pass")
     p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. another TOML)")
     p.set_defaults(func=_cmd_predict)
 

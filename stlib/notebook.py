@@ -46,13 +46,16 @@ def run_dirs(variants: Sequence[str], runs_root: str | Path) -> dict[str, Path]:
 
 def predict_all(variants: Sequence[str], runs_root: str | Path = "results/runs",
                 out_dir: str | Path = "results/predictions", split: str = "test") -> dict[str, Path]:
-    """`stlib predict` for every trained variant; a variant without final.ckpt is reported and skipped."""
+    """`stlib predict` for every trained variant (each model loaded once, the data read once for all that share
+    it); a variant without final.ckpt is reported and skipped."""
     from stlib.evaluate.predict import predict_run
 
     found = run_dirs(variants, runs_root)
     for missing in sorted(set(variants) - set(found)):
         print(f"[stlib] {missing}: no {Path(runs_root) / missing / 'checkpoints/final.ckpt'} — not compared")
-    return {name: predict_run(run_dir, split=split, out_dir=out_dir)[0] for name, run_dir in found.items()}
+    cache: dict = {}
+    return {name: predict_run(run_dir, split=split, out_dir=out_dir, data_cache=cache)[0]
+            for name, run_dir in found.items()}
 
 
 def evaluate_all(pred_paths: dict[str, Path], results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:

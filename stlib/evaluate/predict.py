@@ -89,9 +89,9 @@ def _predict_slice(
         sl = slice(start, start + batch_size)
         batch = store.collate(np.full(len(basal[sl]), gid), tgt[sl], basal[sl])
         out = _forward(model, batch)
-        emb.append(out["pred"].reshape(-1, out["pred"].shape[-1]).float().numpy())
+        emb.append(out["pred"].reshape(-1, out["pred"].shape[-1]).float().cpu().numpy())
         if genes_out:
-            decoded = out["genes"].reshape(-1, out["genes"].shape[-1]).float().numpy()
+            decoded = out["genes"].reshape(-1, out["genes"].shape[-1]).float().cpu().numpy()
             if gene_readout == "residual":
                 decoded = _residual_genes(model, store, batch["basal"], basal[sl].ravel(), decoded)
             genes.append(decoded)
@@ -106,30 +106,59 @@ def _residual_genes(model, store, basal_emb: torch.Tensor, basal_rows: np.ndarra
     was_training = decoder.training
     decoder.eval()
     try:
-        decoded_basal = decoder(basal_emb.reshape(-1, basal_emb.shape[-1])).float().numpy()
+        decoded_basal = decoder(basal_emb.reshape(-1, basal_emb.shape[-1])).float().cpu().numpy()
     finally:
         decoder.train(was_training)
     return rows(store.genes, basal_rows).astype(np.float32) + decoded - decoded_basal
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" = the first GPU where there is one, else the CPU (as training's accelerator="auto")."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU here (use --device cpu or auto)")
+    return resolved
+
+
 def _forward(model, batch: dict) -> dict:
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     predict = getattr(model, "predict_sets", None)
     args = (batch["basal"], batch["pert"], batch["batch_index"], batch.get("time_index"))
     velocity = batch.get("basal_velocity")
     return predict(*args, velocity=velocity) if callable(predict) else model(*args, velocity=velocity)
 
 
+def prediction_data(loaded: LoadedModel, cfg: Config, batch_size: int = 16, seed: int = 0,
+                    cache: dict | None = None) -> PerturbationDataModule:
+    """The data a model predicts from, read once per distinct data setting when several models share a `cache`."""
+    key = (repr(cfg.data), cfg.model.cell_set_len, batch_size, seed, cfg.velocity.displacement,
+           tuple(sorted(loaded.pert_map.items())))
+    if cache is not None and key in cache:
+        return cache[key]
+    dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed,
+                                need_velocity=cfg.velocity.displacement)
+    dm.setup("predict")
+    if cache is not None:
+        cache[key] = dm
+    return dm
+
+
 def predict_split(
     loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16, seed: int = 0,
-    gene_readout: str = "residual",
+    gene_readout: str = "residual", device: str = "auto", data_cache: dict | None = None,
 ) -> tuple[ad.AnnData, ad.AnnData]:
-    """(pred, real) AnnData for every non-control group of `split`."""
+    """(pred, real) AnnData for every non-control group of `split`, `batch_size` sets at a time on `device`."""
+    loaded.model.to(resolve_device(device))
     if gene_readout not in GENE_READOUTS:
         raise ConfigError(f"gene_readout={gene_readout!r} is not one of {', '.join(GENE_READOUTS)}")
     d = cfg.data
-    dm = PerturbationDataModule(d, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed,
-                                need_velocity=cfg.velocity.displacement)
-    dm.setup("predict")
+    dm = prediction_data(loaded, cfg, batch_size, seed, data_cache)
     groups = [g for g in dm.groups(split) if g.pert != d.control_pert]
     if not groups:
         raise DataError(
@@ -220,11 +249,17 @@ def predict_run(
     data_overrides: Sequence[str] = (),
     seed: int = 0,
     gene_readout: str = "residual",
+    device: str = "auto",
+    batch_size: int = 16,
+    data_cache: dict | None = None,
 ) -> tuple[Path, Path]:
-    """`stlib predict`: load a run (ours or State's), predict `split`, write <name>_pred/_real.h5ad."""
+    """`stlib predict`: load a run (ours or State's), predict `split`, write <name>_pred/_real.h5ad.
+
+    Several runs predicting from the same data share it through one `data_cache` dict (read once)."""
     loaded = load_any(run_dir, checkpoint)
     cfg = _config_for(loaded, data_overrides)
-    pred, real = predict_split(loaded, cfg, split=split, seed=seed, gene_readout=gene_readout)
+    pred, real = predict_split(loaded, cfg, split=split, seed=seed, gene_readout=gene_readout, device=device,
+                               batch_size=batch_size, data_cache=data_cache)
     name = name or Path(run_dir).name
     pred.uns[UNS_KEY]["model"] = real.uns[UNS_KEY]["model"] = name
     out = Path(out_dir)
