@@ -139,8 +139,15 @@ class GroupSampler(Sampler):
 
 
 class RandomSets(Dataset):
-    def __init__(self, store: CellSetStore, n_batches: int):
-        self.store, self.n_batches = store, n_batches
+    """Training batches from :class:`GroupSampler`'s (groups, seed) items.
+
+    Under data-parallel training every process draws the whole global batch's rows (cheap) and gathers only its
+    own contiguous share of the sets (``rank`` of ``world``): the processes see disjoint sets whose union is
+    exactly the batch one process would train on with the global batch size.
+    """
+
+    def __init__(self, store: CellSetStore, n_batches: int, rank: int = 0, world: int = 1):
+        self.store, self.n_batches, self.rank, self.world = store, n_batches, rank, world
 
     def __len__(self) -> int:
         return self.n_batches
@@ -149,6 +156,9 @@ class RandomSets(Dataset):
         gids, seed = item
         rng = np.random.default_rng(seed)
         drawn = [self.store.draw(int(g), 1, rng) for g in gids]
+        share = len(gids) // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        gids, drawn = gids[mine], drawn[mine]
         return self.store.collate(gids, np.concatenate([t for t, _ in drawn]), np.concatenate([b for _, b in drawn]))
 
 

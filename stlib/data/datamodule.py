@@ -263,6 +263,7 @@ class PerturbationDataModule(L.LightningDataModule):
         self._given_pert_map = dict(pert_map) if pert_map is not None else None
         self.start_step = 0  # set on resume: the training stream continues at this step
         self.train_batches: int | None = None  # batches per training epoch; None = one pass over the data
+        self.pin_memory = False  # page-locked batches copy to a GPU asynchronously; set when training on one
         self._store: CellSetStore | None = None
 
     # ---------------------------------------------------------------- setup
@@ -432,9 +433,17 @@ class PerturbationDataModule(L.LightningDataModule):
         n_batches = self.train_batches or math.ceil(self.epoch_sets() / self.batch_size)
         sizes = np.zeros(len(self.store.groups))
         sizes[[g.gid for g in groups]] = [g.size for g in groups]
-        sampler = GroupSampler(sizes, self.batch_size, n_batches, self.seed, self.start_step)
-        return DataLoader(RandomSets(self.store, n_batches), batch_size=None, sampler=sampler,
-                          num_workers=self.data_cfg.num_workers, persistent_workers=self.data_cfg.num_workers > 0)
+        rank, world = self.rank_and_world()
+        sampler = GroupSampler(sizes, self.batch_size * world, n_batches, self.seed, self.start_step)
+        return DataLoader(RandomSets(self.store, n_batches, rank, world), batch_size=None, sampler=sampler,
+                          num_workers=self.data_cfg.num_workers, persistent_workers=self.data_cfg.num_workers > 0,
+                          pin_memory=self.pin_memory)
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of data-parallel processes (0, 1 outside a distributed Trainer);
+        batch_size is per process, as in Lightning."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _fixed_loader(self, split: str) -> DataLoader:
         sets = FixedSets(self.store, [g.gid for g in self.groups(split)], self.data_cfg.sets_per_group,

@@ -27,7 +27,7 @@ class LineProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every and step != trainer.max_steps:
+        if not trainer.is_global_zero or (step % self.every and step != trainer.max_steps):
             return
         metrics = trainer.callback_metrics
         elapsed = time.perf_counter() - self._start
@@ -80,8 +80,9 @@ class WeightAverage(L.Callback):
             return
         for mean, p in zip(self.mean, self._trainable(pl_module)):
             p.copy_(mean)
-        print(f"[stlib] final weights: the average of the last {self.count} steps (training.average_weights_from)",
-              flush=True)
+        if trainer.is_global_zero:
+            print(f"[stlib] final weights: the average of the last {self.count} steps "
+                  "(training.average_weights_from)", flush=True)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": [m.cpu() for m in self.mean] if self.mean is not None else None}

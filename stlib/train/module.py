@@ -100,7 +100,7 @@ class STLightningModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         losses = self.compute_losses(batch, out, self.global_step)
-        if not torch.isfinite(losses["loss"]):
+        if self.checks_finite(self.global_step, losses["loss"].device) and not torch.isfinite(losses["loss"]):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step} ({parts}); stopped before the optimizer step — the "
@@ -117,6 +117,15 @@ class STLightningModule(L.LightningModule):
         self._last_batch_time = now
         self._log_mhc_stats(bs)
         return losses["loss"]
+
+    def checks_finite(self, step: int, device: torch.device) -> bool:
+        """Whether this step's loss is checked for NaN/inf. The check reads the loss on the host, which on a GPU
+        stalls the queue of launched kernels: there it runs every log interval and before every checkpoint (so
+        no checkpoint is written from non-finite weights); on the CPU, where reading costs nothing, every step."""
+        if device.type == "cpu":
+            return True
+        t = self.cfg.training
+        return step % t.steps(t.log_every_n_steps) == 0 or (step + 1) % t.steps(t.ckpt_every_n_steps) == 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)

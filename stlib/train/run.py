@@ -109,6 +109,18 @@ def is_lean(cfg: Config) -> bool:
     return bool(cfg.model.init_from) and cfg.lora.enable
 
 
+def use_tensor_cores() -> None:
+    """float32 matmuls on CUDA run as TF32 (10-bit mantissa inputs, float32 accumulation): several times the
+    throughput on Ampere and later for a precision that set-level losses do not notice. CUDA flags only: CPU
+    results stay as they were."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def on_gpu(tcfg) -> bool:
+    return tcfg.accelerator in ("gpu", "cuda") or (tcfg.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _resolve_devices(tcfg) -> tuple[str, object]:
     accelerator = tcfg.accelerator
     devices = tcfg.devices
@@ -130,6 +142,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     from stlib.train.callbacks import LineProgress, WeightAverage
     from stlib.train.module import STLightningModule
@@ -137,14 +150,18 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     tcfg = cfg.training
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
+    use_tensor_cores()
     L.seed_everything(tcfg.seed, verbose=False)
     started = time.time()
     prep = prepare_run(cfg)
     cfg = prep.cfg
     run_dir = cfg.run_dir
-    write_run_files(prep, run_dir, overrides)
-    print(f"[stlib] run dir: {run_dir}", flush=True)
-    print(f"[stlib] {prep.summary}", flush=True)
+    main_process = rank_zero_only.rank == 0  # under data-parallel training, one process writes and talks
+    say = print if main_process else (lambda *a, **k: None)
+    if main_process:
+        write_run_files(prep, run_dir, overrides)
+    say(f"[stlib] run dir: {run_dir}", flush=True)
+    say(f"[stlib] {prep.summary}", flush=True)
 
     ckpt_dir = run_dir / CHECKPOINT_DIR
     if tcfg.max_steps == 0:
@@ -159,9 +176,10 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         if not resume_path.is_file():
             raise ConfigError(f"--resume {resume_path}: no such checkpoint")
         start_step = int(torch.load(resume_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-        print(f"[stlib] resuming from {resume_path} at step {start_step}", flush=True)
+        say(f"[stlib] resuming from {resume_path} at step {start_step}", flush=True)
     prep.datamodule.start_step = start_step
     prep.datamodule.train_batches = tcfg.max_steps  # one epoch = the whole run: no epoch boundary to resume across
+    prep.datamodule.pin_memory = on_gpu(tcfg)
 
     module = STLightningModule(prep.model, cfg, lean=is_lean(cfg))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version=TENSORBOARD_DIR, default_hp_metric=False)
@@ -183,13 +201,17 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         val_check_interval=min(tcfg.steps(tcfg.val_every_n_steps), tcfg.max_steps), check_val_every_n_epoch=None,
         gradient_clip_val=tcfg.gradient_clip_val or None, log_every_n_steps=tcfg.steps(tcfg.log_every_n_steps),
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module gives each process its share of every batch itself
     )
     try:
         trainer.fit(module, datamodule=prep.datamodule, ckpt_path=str(resume_path) if resume_path else None)
     except BaseException:
-        _write_summary(run_dir, "failed", trainer.global_step, started)
+        if main_process:
+            _write_summary(run_dir, "failed", trainer.global_step, started)
         raise
-    trainer.save_checkpoint(ckpt_dir / FINAL_CHECKPOINT)
+    trainer.save_checkpoint(ckpt_dir / FINAL_CHECKPOINT)  # every process calls it; the main one writes
+    if not main_process:
+        return run_dir
     if cfg.lora.enable:
         save_adapter(prep.model, ckpt_dir / ADAPTER_FILE)
     _write_summary(run_dir, "completed", trainer.global_step, started,

@@ -59,7 +59,8 @@ def write_toml(folder: Path, text: str, name: str = "split.toml") -> Path:
 
 def data_cfg(toml: Path, **over) -> DataConfig:
     base = {"toml_config_path": str(toml), "embed_key": "X_state", "pert_col": "condition", "control_pert": CONTROL,
-                "cell_type_key": "cell_types_simple_short", "batch_col": "mouse_id", "time_col": "day", "gene_layer": "log1p", "gene_layer": "log1p",
+                "cell_type_key": "cell_types_simple_short", "batch_col": "mouse_id", "time_col": "day",
+            "gene_layer": "log1p",
             "sets_per_group": 3}
     return DataConfig(**(base | over))
 
