@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+import anndata as ad
 import numpy as np
 from study import DATA, group_shift, load_study, perturbed_groups, train_mean_shift
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="the wound data with velocity; its split TOML beside it")
     args = parser.parse_args()
     dm = load_study(args.data)
-    emb, obsm = dm.store.embed, dm.adata.obsm
+    emb, obsm = dm.store.embed, ad.read_h5ad(args.data).obsm  # the data module keeps only what training reads
     train_groups, test_groups = perturbed_groups(dm, "train"), perturbed_groups(dm, "test")
     shift = train_mean_shift(dm, emb)
 

@@ -165,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_COMMANDS = ("make-data", "pretrain", "train", "velocity", "predict", "evaluate", "demo")  # they report peak RSS
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -176,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     stlib_log.propagate = False
     try:
         args.func(args)
+        if args.command in DATA_COMMANDS:
+            print(f"[stlib] peak memory (RSS): {peak_rss_gib():.2f} GiB", flush=True)
     except StlibError as exc:  # the user's input: one line, no traceback
         if args.debug:
             raise

@@ -86,25 +86,48 @@ def _missing(kind: str, key: str, what: str, existing, source: str, hint: str = 
     return DataError(f"{kind} {key!r} ({what}) not found in {source}; {kind} there: {listing(existing)}{hint}")
 
 
-def _validate_file(adata: ad.AnnData, cfg: DataConfig, need_velocity: bool, source: str) -> None:
-    """Per-file key checks: concatenation silently drops obsm/layers missing from any one file."""
-    if cfg.embed_key != "X" and cfg.embed_key not in adata.obsm:
-        raise _missing("obsm", cfg.embed_key, "data.embed_key", adata.obsm.keys(), source, ' (or "X")')
+def _validate_file(keys: dict[str, list[str]], cfg: DataConfig, need_velocity: bool, source: str) -> None:
+    """Per-file key checks (`keys`: the file's obs columns, obsm and layer names), before anything large is read."""
+    if cfg.embed_key != "X" and cfg.embed_key not in keys["obsm"]:
+        raise _missing("obsm", cfg.embed_key, "data.embed_key", keys["obsm"], source, ' (or "X")')
     for col, what in ((cfg.pert_col, "data.pert_col"), (cfg.cell_type_key, "data.cell_type_key"),
                       (cfg.batch_col, "data.batch_col"), (cfg.time_col, "data.time_col")):
-        if col is not None and col not in adata.obs:
-            raise _missing("obs column", col, what, adata.obs.columns, source)
-    if cfg.output_space in GENE_SPACES and cfg.gene_layer is not None and cfg.gene_layer not in adata.layers:
+        if col is not None and col not in keys["obs"]:
+            raise _missing("obs column", col, what, keys["obs"], source)
+    if cfg.output_space in GENE_SPACES and cfg.gene_layer is not None and cfg.gene_layer not in keys["layers"]:
         raise _missing("layer", cfg.gene_layer, f"data.gene_layer, needed by output_space={cfg.output_space}",
-                       adata.layers.keys(), source, "; set data.gene_layer=null to use X")
+                       keys["layers"], source, "; set data.gene_layer=null to use X")
     if need_velocity:
         hint = f"; run `stlib velocity {source} --embed-key {cfg.embed_key}` first"
         key = cfg.resolved_velocity_key
-        if key not in adata.obsm:
-            raise _missing("obsm", key, "velocity in the model's space", adata.obsm.keys(), source, hint)
-        if cfg.velocity_confidence_key not in adata.obs:
+        if key not in keys["obsm"]:
+            raise _missing("obsm", key, "velocity in the model's space", keys["obsm"], source, hint)
+        if cfg.velocity_confidence_key not in keys["obs"]:
             raise _missing("obs column", cfg.velocity_confidence_key, "data.velocity_confidence_key",
-                           adata.obs.columns, source, hint)
+                           keys["obs"], source, hint)
+
+
+def read_needed(path: Path, cfg: DataConfig, need_velocity: bool = False) -> ad.AnnData:
+    """The parts of an .h5ad a run reads — obs, var, the embedding, the gene matrix (where the output space has
+    genes), the velocity (where asked) — and nothing else: a study's raw counts and spliced/unspliced layers, often
+    most of the file, stay on disk. Sparse matrices stay sparse."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        obs = ad.io.read_elem(fh["obs"])
+        keys = {"obs": list(obs.columns), "obsm": list(fh["obsm"].keys()) if "obsm" in fh else [],
+                "layers": list(fh["layers"].keys()) if "layers" in fh else []}
+        _validate_file(keys, cfg, need_velocity, str(path))
+        genes_needed = cfg.output_space in GENE_SPACES
+        obsm = {} if cfg.embed_key == "X" else {cfg.embed_key: ad.io.read_elem(fh[f"obsm/{cfg.embed_key}"])}
+        if need_velocity:
+            obsm[cfg.resolved_velocity_key] = ad.io.read_elem(fh[f"obsm/{cfg.resolved_velocity_key}"])
+        layers = {}
+        if genes_needed and cfg.gene_layer is not None:
+            layers[cfg.gene_layer] = ad.io.read_elem(fh[f"layers/{cfg.gene_layer}"])
+        x = ad.io.read_elem(fh["X"]) if cfg.embed_key == "X" or (genes_needed and cfg.gene_layer is None) else None
+        var = ad.io.read_elem(fh["var"])
+    return ad.AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=layers)
 
 
 def load_datasets(split_cfg: SplitConfig, cfg: DataConfig, need_velocity: bool = False) -> ad.AnnData:
@@ -112,8 +135,7 @@ def load_datasets(split_cfg: SplitConfig, cfg: DataConfig, need_velocity: bool =
     parts = []
     for name in split_cfg.datasets:
         for path in split_cfg.files(name):
-            adata = ad.read_h5ad(path)
-            _validate_file(adata, cfg, need_velocity, str(path))
+            adata = read_needed(path, cfg, need_velocity)
             adata.obs[DATASET_COL] = name
             parts.append(adata)
     if len(parts) == 1:
