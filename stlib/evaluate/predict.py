@@ -13,10 +13,9 @@ How genes are read out (``gene_readout``):
 
 * ``residual`` (default): each predicted cell's genes = its basal cell's real genes + decoder(predicted) −
   decoder(basal). The decoder's error in a cell type's *level* cancels (it is the same for both terms), only
-  its decoding of the *change* remains. A decoder trained on a few cell types decodes a held-out cell type's
-  level with an error larger than the perturbation effect (on the embedded default: per-gene mean error² 0.67
-  for held-out fibroblasts vs 0.002 for training keratinocytes), while its decoded Burn shift still
-  correlates 0.87 with the real one. Values may dip slightly below 0 (not clipped: group means stay exact).
+  its decoding of the *change* remains: a decoder trained on a few cell types decodes a held-out type's level
+  worse than the perturbation's size, and its change well (docs/decisions.md, 2026-11-22). Values may dip
+  slightly below 0 (not clipped: group means stay exact).
 * ``direct``: decoder(predicted), what ``model.predict_sets`` returns (State's behaviour).
 """
 

@@ -60,7 +60,7 @@ class STLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ forward and losses
     def forward(self, batch: dict) -> dict:
         # decode=False: training reads the decoder out on real cells only (compute_losses); decoding the prediction
-        # here would cost a decoder forward per step (~10 % of a step at the anchor configuration) for nothing.
+        # here would cost a decoder forward per step for nothing.
         return self.model(batch["basal"], batch["pert"], batch.get("batch_index"), batch.get("time_index"), decode=False,
                           velocity=batch.get("basal_velocity"))
 
