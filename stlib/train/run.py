@@ -196,7 +196,8 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     if tcfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=tcfg.steps(tcfg.log_every_n_steps)))
     trainer = L.Trainer(
-        max_steps=tcfg.max_steps, accelerator=accelerator, devices=devices, strategy=tcfg.strategy,
+        max_steps=tcfg.max_steps, accelerator=accelerator, devices=devices, num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy,
         precision=tcfg.precision, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         val_check_interval=min(tcfg.steps(tcfg.val_every_n_steps), tcfg.max_steps), check_val_every_n_epoch=None,
         gradient_clip_val=tcfg.gradient_clip_val or None, log_every_n_steps=tcfg.steps(tcfg.log_every_n_steps),

@@ -61,3 +61,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_st
     b = load_lightning_state_dict(two / "checkpoints" / "final.ckpt")
     for key in a:  # Adam's first steps move weights by ~lr whatever the gradient's size, so rounding shows here
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
+
+
+def test_the_slurm_script_asks_for_one_task_per_gpu_on_every_node(tmp_path):
+    from stlib.train_scripts import plan_scripts
+
+    (spec,) = plan_scripts(["st_lora"], out_dir=tmp_path / "scripts", log_dir=tmp_path / "logs", launcher="slurm",
+                           root=REPO, overrides=["training.devices=4", "training.strategy=ddp",
+                                                 "training.num_nodes=2"])
+    text = (REPO / spec.path).read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4"):
+        assert line in text
+    assert 'srun "$STLIB" train' in text
+    (one,) = plan_scripts(["st_lora"], out_dir=tmp_path / "one", log_dir=tmp_path / "logs", launcher="slurm",
+                          root=REPO)
+    assert "srun" not in (REPO / one.path).read_text() and "--ntasks-per-node=1" in (REPO / one.path).read_text()
