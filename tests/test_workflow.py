@@ -35,6 +35,7 @@ def teed_st_lora(tiny_study, tiny_base, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("teed_st_lora")  # with -n: one worker, one scripted run for both tests
 def test_scripts_are_exact_commands_runnable_with_tee(teed_st_lora, tiny_study):
     specs, done, log = teed_st_lora["specs"], teed_st_lora["done"], teed_st_lora["log"]
     text = specs[1].path.read_text()
@@ -55,6 +56,7 @@ def test_a_bad_override_fails_before_any_script_is_written(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("teed_st_lora")
 def test_a_failing_variant_is_reported_and_the_others_still_run(teed_st_lora, tiny_study, tiny_base):
     """After st_lora's run above: a failing variant first, then the baseline still runs and st_lora is skipped."""
     good, runs, root = teed_st_lora["specs"], teed_st_lora["runs"], teed_st_lora["root"]
