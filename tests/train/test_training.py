@@ -188,7 +188,7 @@ def test_velocity_variant_without_velocity_says_what_to_run(tiny_study, tiny_bas
     src.write_h5ad(tmp_path / "wound_healing.h5ad")
     (tmp_path / "wound_healing.toml").write_text((tiny_study / "data" / "wound_healing.toml").read_text())
     cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora_velocity",
-                                  extra=[f"data.toml_config_path={tmp_path / 'wound_healing.toml'}"])
+                                  extra=["name=no_velocity", f"data.toml_config_path={tmp_path / 'wound_healing.toml'}"])
     with pytest.raises(DataError, match=r"velocity_X_state.*run `stlib velocity"):
         train(cfg, overrides)
 
