@@ -7,7 +7,7 @@ STEPS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stlib-installed
 
-.PHONY: setup demo test bench lint clean-results
+.PHONY: setup demo test test-fast bench lint clean-results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m stlib demo $(if $(STEPS),--max-steps $(STEPS),)
 
+# Everything, on two workers (pytest-xdist): the notebooks, the scripts and the trainings overlap.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# The unit tests alone (< 30 s): no training, subprocess, notebook or UMAP (pytest -m "not slow"; see tests/conftest.py).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

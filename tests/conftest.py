@@ -1,13 +1,31 @@
-"""Shared fixtures: a tiny generated study (source + wound healing), a tiny base model, velocity."""
+"""Shared fixtures: a tiny generated study (source + wound healing), a tiny base model, velocity, shared runs.
 
+Every test that uses the tiny study (so trains, or reads a trained run) is marked `slow` here; so are the tests marked
+by hand (subprocesses, papermill, numba-compiled UMAP). `make test-fast` (pytest -m "not slow") runs the rest.
+"""
+
+import os  # noqa: I001  (stlib first: it sets the OpenMP wait policy before torch loads)
 from pathlib import Path
+
+import stlib  # noqa: F401
 
 import pytest
 import torch
+from runs import finetuned, gene_base  # noqa: F401  (session-scoped trained runs, see tests/runs.py)
 from stlib_testing import REPO, tiny_overrides
 
-# Tiny models gain nothing from threads, and two threads stall badly when the other core is busy.
+# Tiny models gain nothing from threads, and two threads stall badly when the other core is busy; the variable
+# reaches the trainings the tests start in subprocesses (scripts, notebooks) too.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TRAINED = {"tiny_study", "tiny_base", "velocity_data", "finetuned", "gene_base"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

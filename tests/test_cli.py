@@ -30,6 +30,7 @@ def test_missing_data_file_is_named(tmp_path, capsys):
     assert code == 2 and "missing.h5ad" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a subprocess: python, torch and lightning start afresh
 def test_debug_shows_the_traceback():
     done = subprocess.run([sys.executable, "-m", "stlib", "--debug", "train", "--config",
                            str(REPO / "configs/variants/st_lora.yaml"), "training.max_step=3"],

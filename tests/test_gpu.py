@@ -12,9 +12,11 @@ import pytest
 import torch
 from stlib_testing import REPO, tiny_overrides
 
+from stlib.constants import VARIANTS as ALL_VARIANTS
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-VARIANTS = ("st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity")
+VARIANTS = ALL_VARIANTS[1:]  # the fine-tuned ones
 PRECISIONS = ("32-true", "bf16-mixed")
 
 

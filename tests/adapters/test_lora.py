@@ -71,8 +71,12 @@ def test_unknown_target_module_is_a_clear_error():
 
 def test_training_changes_adapters_but_never_frozen_weights():
     model = apply_lora(tiny_model(), lora_cfg())
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # frozen by name, not by requires_grad (that would be the property under test), and an optimizer over every
+    # parameter with weight decay: a base weight apply_lora forgot to freeze would get a gradient and move
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if "lora_" not in n and "modules_to_save" not in n}
+    assert any("q_proj.base_layer.weight" in n for n in frozen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = base_model(model).predict_sets(*inputs())["pred"]
     for _ in range(3):
         out = model(*inputs())

@@ -9,6 +9,8 @@ import pytest
 from stlib.data import synthetic as syn
 from stlib.data import velocity as vel
 
+SCVELO = pytest.mark.slow  # runs scvelo's whole pipeline (moments, dynamics, projection): seconds, not a unit test
+
 
 @pytest.fixture(scope="module")
 def raw():
@@ -29,6 +31,7 @@ def _mean_cos(a, b):
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).mean())
 
 
+@SCVELO
 def test_outputs_and_inputs_untouched(raw, with_velocity):
     adata = with_velocity
     v = adata.obsm["velocity_X_state"]
@@ -44,6 +47,7 @@ def test_outputs_and_inputs_untouched(raw, with_velocity):
     assert set(adata.obsm) == set(raw.obsm) | {"velocity_X_state"}
 
 
+@SCVELO
 def test_velocity_agrees_with_the_truth(with_velocity):
     """Measured mean cosine 0.58-0.67 over seeds 0-2 at this size (0.87 at the default 6000 x 1000)."""
     adata = with_velocity
@@ -56,6 +60,7 @@ def test_velocity_agrees_with_the_truth(with_velocity):
     assert cos > _mean_cos(v, truth[shuffled]) + 0.1  # per-cell agreement, not only a shared drift
 
 
+@SCVELO
 def test_embed_key_without_x_prefix_gives_the_same_velocity(small):
     ref = vel.compute_velocity(small.copy(), embed_key="X_state", n_neighbors=15, n_pcs=10)
     adata = small.copy()
@@ -81,6 +86,7 @@ def test_unknown_embed_key_lists_obsm_keys(raw):
         vel.compute_velocity(raw[:50].copy(), mode="fast")
 
 
+@SCVELO
 def test_run_velocity_writes_then_hits_cache(small, tmp_path, monkeypatch):
     src = tmp_path / "small.h5ad"
     small.write_h5ad(src)
@@ -105,6 +111,7 @@ def test_run_velocity_writes_then_hits_cache(small, tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+@SCVELO
 def test_run_velocity_in_place(small, tmp_path):
     path = tmp_path / "inplace.h5ad"
     small.write_h5ad(path)

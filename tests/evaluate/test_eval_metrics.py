@@ -149,6 +149,10 @@ def test_subsampling_is_seeded(make_pair):
     a = group_metrics(pred, real, max_cells=10, seed=3)
     b = group_metrics(pred, real, max_cells=10, seed=3)
     pd.testing.assert_frame_equal(a, b)
+    # the seed picks the cells: another seed, other cells (equal frames alone would pass without any subsampling)
+    other = group_metrics(pred, real, max_cells=10, seed=4)
+    assert not np.allclose(other["cell_distance"], a["cell_distance"])
+    assert not np.allclose(group_metrics(pred, real)["cell_distance"], a["cell_distance"])
 
 
 def test_keyword_settings_override_and_missing_settings_fail(make_pair):

@@ -70,6 +70,7 @@ def test_metrics_heatmap(make_pair, tmp_path):
         plot_metrics_heatmap(summary_df, metrics=["nope"])
 
 
+@pytest.mark.slow  # umap/pynndescent compile their numba kernels on import (~15 s per process)
 def test_umap_comparison_one_shared_embedding(make_pair, tmp_path):
     pred, real = make_pair("resampled", n=15)
     control = make_pair("control", n=15)[0]

@@ -91,14 +91,44 @@ def test_gradient_finite_at_zero_shift(tensors):
     assert torch.isfinite(pred.grad).all()
 
 
-def test_lambda_zero_gives_zero_gradient(tensors):
+TINY_MODULE = ["model.hidden_dim=16", "model.n_layers=1", "model.n_heads=2", "model.intermediate_size=32",
+               f"model.cell_set_len={S}", "model.embed_vocab_size=4", "model.velocity_warmup_steps=2"]
+
+
+def _loss_and_grads(model, overrides, batch, step):
+    """The LightningModule's training loss for one batch and the gradient it gives every trainable weight."""
+    from stlib.config import load_config
+    from stlib.train.module import STLightningModule
+
+    module = STLightningModule(model, load_config(None, TINY_MODULE + overrides))
+    model.zero_grad()
+    loss = module.compute_losses(batch, module(batch), step=step)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("step", [1, 10])  # during and after the velocity warm-up
+def test_lambda_zero_gives_the_loss_and_gradients_of_velocity_off(tensors, step):
+    from stlib.config import load_config
+    from stlib.models.state_transition import StateTransitionModel
+
     basal, velocity, confidence = tensors
-    pred = (basal + torch.randn(B, S, D)).requires_grad_(True)
-    total = velocity_weight(500, lam=0.0, warmup_steps=1000) * velocity_alignment_loss(
-        pred, basal, velocity, confidence
-    )
-    total.backward()
-    assert (pred.grad == 0).all()
+    torch.manual_seed(0)
+    model = StateTransitionModel(load_config(None, TINY_MODULE).model, input_dim=D, pert_dim=2)
+    pert = torch.nn.functional.one_hot(torch.tensor([0, 1, 1]), 2).float()[:, None].expand(B, S, 2)
+    batch = {"basal": basal, "pert": pert, "target": basal + 1.0, "basal_velocity": velocity,
+             "basal_velocity_confidence": confidence}
+    off_loss, off_grads = _loss_and_grads(model, ["model.use_velocity_alignment=false"], batch, step)
+    on = ["model.use_velocity_alignment=true"]
+    zero_loss, zero_grads = _loss_and_grads(model, [*on, "model.velocity_lambda=0"], batch, step)
+    torch.testing.assert_close(zero_loss, off_loss, rtol=0, atol=0)
+    assert zero_grads.keys() == off_grads.keys() and len(off_grads) > 10
+    for name, grad in off_grads.items():
+        torch.testing.assert_close(zero_grads[name], grad, rtol=0, atol=0, msg=name)
+    # the check can see the velocity term: with a weight it changes the loss and the gradients
+    weighted_loss, weighted_grads = _loss_and_grads(model, [*on, "model.velocity_lambda=0.5"], batch, step)
+    assert weighted_loss > off_loss
+    assert any(not torch.allclose(weighted_grads[n], g) for n, g in off_grads.items())
 
 
 def test_descent_aligns_the_shift(tensors):

@@ -14,17 +14,6 @@ from stlib.models.parameters import base_model
 from stlib.models.state_transition import GeneDecoder
 from stlib.train.run import prepare_run, train
 
-WOUND_DATA = ["data.pert_col=condition", "data.control_pert=Sham", "data.cell_type_key=cell_types_simple_short",
-              "data.batch_col=mouse_id", "data.time_col=day"]
-
-
-@pytest.fixture(scope="module")
-def decoder_base(tiny_study):
-    """A base pretrained with a gene decoder (output_space=all), as State's ST-Tahoe is."""
-    overrides = tiny_overrides(tiny_study, "base_with_decoder", "source_perturbations.toml", 10) + [
-        "data.output_space=all"]
-    return train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
-
 
 @pytest.mark.parametrize("softplus", [True, False])
 def test_a_new_decoder_starts_at_the_mean_expression(softplus):
@@ -119,10 +108,10 @@ def test_runs_saved_before_the_linear_readout_still_load(tiny_study, tiny_base):
     assert not base_model(loaded.model).gene_decoder.skip and not loaded.config.decoder.skip
 
 
-def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, decoder_base):
-    assert load_any(decoder_base).dims["gene_dim"]
+def test_a_base_decoder_is_dropped_when_fine_tuning_in_the_embedding(tiny_study, gene_base):
+    assert load_any(gene_base).dims["gene_dim"]
     overrides = tiny_overrides(tiny_study, "emb_only", "wound_healing.toml", 2) + [
-        f"model.init_from={decoder_base}", "data.output_space=embedding"]
+        f"model.init_from={gene_base}", "data.output_space=embedding"]
     run_dir = train(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides), overrides)
     loaded = load_any(run_dir)
     assert base_model(loaded.model).gene_decoder is None and not loaded.dims["gene_dim"]

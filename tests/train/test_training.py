@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from runs import VARIANTS, finetune_cfg
 from stlib_testing import REPO, STATE_FIXTURE, tiny_overrides
 
 from stlib.config import ConfigError, load_config
@@ -18,15 +19,6 @@ from stlib.loading import load_any, load_lightning_state_dict
 from stlib.models.parameters import base_model
 from stlib.train.module import NonFiniteLossError, STLightningModule, warmup_cosine
 from stlib.train.run import prepare_run, train
-
-VARIANTS = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
-
-
-def finetune_cfg(root, base, variant, steps=6, extra=()):
-    steps = 0 if variant == "baseline" else steps  # the baseline is the base, not trained
-    overrides = tiny_overrides(root, variant, "wound_healing.toml", steps) + [
-        f"model.init_from={base}", "model.velocity_warmup_steps=2", *extra]
-    return load_config(REPO / "configs" / "variants" / f"{variant}.yaml", overrides), overrides
 
 
 def test_pretrain_writes_a_complete_run_dir_and_learns(tiny_base):
@@ -56,9 +48,8 @@ def test_control_shares_the_base_column_and_new_perturbations_get_new_ones():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_fine_tunes_from_the_base(velocity_data, tiny_base, variant):
-    cfg, overrides = finetune_cfg(velocity_data, tiny_base, variant)
-    run_dir = train(cfg, overrides)
+def test_every_variant_fine_tunes_from_the_base(finetuned, variant):
+    run_dir = finetuned(variant)
     loaded = load_any(run_dir)
     assert loaded.pert_map["Sham"] == loaded.pert_map["DMSO_TF"]  # the control reuses the base's column
     assert "Burn" in loaded.pert_map
@@ -75,9 +66,8 @@ def test_every_variant_fine_tunes_from_the_base(velocity_data, tiny_base, varian
     assert (run_dir / "checkpoints" / "adapter.pt").exists()
 
 
-def test_lora_fine_tuning_leaves_the_base_weights_untouched(tiny_study, tiny_base):
-    cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora", extra=["name=frozen_check"])
-    run_dir = train(cfg, overrides)
+def test_lora_fine_tuning_leaves_the_base_weights_untouched(finetuned, tiny_base):
+    run_dir = finetuned("st_lora")
     base = load_lightning_state_dict(tiny_base / "checkpoints" / "final.ckpt")
     tuned = load_lightning_state_dict(run_dir / "checkpoints" / "final.ckpt")
     prefix = "base_model.model."
@@ -105,9 +95,10 @@ class _CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("average", ["null", "0.25"])  # 0.25: the weight average starts at step 3, before the crash
+@pytest.mark.parametrize("average", ["null", "0.25"])  # 0.25: the weight average starts at step 2, before the crash
 def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study, average):
-    common = tiny_overrides(tiny_study, f"unbroken{average}", "source_perturbations.toml", 12) + [
+    """8 steps, a checkpoint at 4, a crash at 6: the resume replays steps 4-5 (dropout, data order, the average)."""
+    common = tiny_overrides(tiny_study, f"unbroken{average}", "source_perturbations.toml", 8) + [
         "training.ckpt_every_n_steps=4", "model.dropout=0.1", f"training.average_weights_from={average}"]
     cfg = load_config(REPO / "configs" / "pretrain.yaml", common)
     unbroken = train(cfg, common)
@@ -125,7 +116,7 @@ def test_resumed_run_ends_where_an_unbroken_run_ends(tiny_study, average):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     steps = read_scalars(resumed)
-    assert steps[steps.tag == "train/loss"].step.max() >= 11
+    assert steps[steps.tag == "train/loss"].step.max() >= 7
 
 
 class _RecordWeights(L.Callback):
@@ -167,7 +158,7 @@ class _PoisonAt(L.Callback):
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_study):
-    overrides = tiny_overrides(tiny_study, "nan_run", "source_perturbations.toml", 20)
+    overrides = tiny_overrides(tiny_study, "nan_run", "source_perturbations.toml", 8)  # checkpoint at 5, NaN at 7
     cfg = load_config(REPO / "configs" / "pretrain.yaml", overrides)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7.*last checkpoint"):
         train(cfg, overrides, extra_callbacks=[_PoisonAt(7)])
@@ -198,7 +189,7 @@ def test_velocity_variant_without_velocity_says_what_to_run(tiny_study, tiny_bas
     src.write_h5ad(tmp_path / "wound_healing.h5ad")
     (tmp_path / "wound_healing.toml").write_text((tiny_study / "data" / "wound_healing.toml").read_text())
     cfg, overrides = finetune_cfg(tiny_study, tiny_base, "st_lora_velocity",
-                                  extra=[f"data.toml_config_path={tmp_path / 'wound_healing.toml'}"])
+                                  extra=["name=no_velocity", f"data.toml_config_path={tmp_path / 'wound_healing.toml'}"])
     with pytest.raises(DataError, match=r"velocity_X_state.*run `stlib velocity"):
         train(cfg, overrides)
 
@@ -228,6 +219,7 @@ def test_every_model_field_is_either_inherited_from_the_base_or_a_fine_tuning_ch
 
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not STATE_FIXTURE.exists(), reason="../shared/fixtures not present")
 def test_fine_tunes_from_a_real_state_run_dir(tmp_path):
     overrides = [
@@ -243,15 +235,12 @@ def test_fine_tunes_from_a_real_state_run_dir(tmp_path):
     assert set(loaded.pert_map) == {"Burn", "Sham"}
 
 
-def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, tmp_path):
+def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, gene_base, tmp_path):
     import anndata as ad
 
     from stlib.evaluate.predict import predict_run
 
-    overrides = tiny_overrides(tiny_study, "genes_run", "wound_healing.toml", 4) + [
-        "data.output_space=all", "data.pert_col=condition", "data.control_pert=Sham",
-        "data.cell_type_key=cell_types_simple_short", "data.batch_col=mouse_id", "data.time_col=day"]
-    run_dir = train(load_config(REPO / "configs" / "pretrain.yaml", overrides), overrides)
+    run_dir = gene_base  # pretrained with data.output_space=all on the wound data
     scalars = read_scalars(run_dir)
     assert "train/gene_loss" in set(scalars.tag)
     pred_path, real_path = predict_run(run_dir, out_dir=tmp_path)
@@ -310,9 +299,9 @@ def test_a_time_encoder_is_added_to_the_base_trained_and_used_for_prediction(tin
     assert set(pred.obs["day"].astype(str)) == {"10", "14", "19"}
 
 
-def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_from_velocity(velocity_data, tiny_base):
-    cfg, overrides = finetune_cfg(velocity_data, tiny_base, "st_lora_velocity", steps=6,
-                                  extra=["name=displaced", "model.velocity_gain_lr_scale=50"])
+def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_from_velocity(velocity_data, tiny_base,
+                                                                                           finetuned):
+    cfg, _ = finetune_cfg(velocity_data, tiny_base, "st_lora_velocity", extra=["model.velocity_gain_lr_scale=50"])
     assert cfg.velocity.displacement  # the velocity variants' configs turn it on
     prep = prepare_run(cfg)
     module = STLightningModule(prep.model, prep.cfg)
@@ -321,7 +310,7 @@ def test_velocity_displacement_is_added_to_a_base_trains_faster_and_predicts_fro
     assert len(gain_group) == 1 and gain_group[0]["initial_lr"] == pytest.approx(50 * cfg.training.lr)
     assert gain_group[0]["weight_decay"] == 0.0
 
-    run_dir = train(cfg, overrides)
+    run_dir = finetuned("st_lora_velocity")  # the variant as shipped (velocity_gain_lr_scale: its default)
     loaded = load_any(run_dir)  # strict: the run's config rebuilds the gains
     gain = base_model(loaded.model).velocity_displacement.gain.detach()
     assert gain.abs().max() > 0  # it trained (zero at start, and a LoRA run freezes what it does not adapt)
