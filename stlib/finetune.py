@@ -118,7 +118,8 @@ def check_input(cfg: Config, base: LoadedModel) -> bool:
 def inherit_from_base(cfg: Config, base: LoadedModel) -> Config:
     """The fine-tune's config with the base's architecture (and decoder shape, when the base has a decoder)."""
     base_cfg = base.config
-    same_input = check_input(cfg, base)
+    base_key = base.data_overrides.get("embed_key")
+    same_input = not base_key or base_key == cfg.data.embed_key  # another input is refused in check_input
     fields = [f for f in ARCHITECTURE_FIELDS if same_input or f != "output_relu"]
     changed = {f: getattr(base_cfg.model, f) for f in fields if getattr(cfg.model, f) != getattr(base_cfg.model, f)}
     if cfg.model.cell_set_len is None:

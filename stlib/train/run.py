@@ -34,7 +34,7 @@ from stlib.constants import (
 )
 from stlib.data.datamodule import PerturbationDataModule, read_perturbation_names
 from stlib.errors import ConfigError
-from stlib.finetune import adapt_base, extend_pert_map, inherit_from_base, new_model
+from stlib.finetune import adapt_base, check_input, extend_pert_map, inherit_from_base, new_model
 from stlib.loading import LoadedModel, load_any
 from stlib.models.checkpoints import file_digest
 from stlib.models.parameters import trainable_counts, trainable_summary
@@ -70,7 +70,9 @@ def prepare_run(cfg: Config) -> PreparedRun:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cell_set_len=DEFAULT_CELL_SET_LEN))
     dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, cfg.training.batch_size, pert_map=pert_map,
                                 need_velocity=cfg.velocity.needs_velocity, seed=cfg.training.seed)
-    dm.setup()
+    dm.setup()  # the data's own keys are checked first: a missing obsm key is named as such
+    if base is not None:
+        check_input(cfg, base)
     dims = {"input_dim": dm.input_dim, "pert_dim": dm.pert_dim, "gene_dim": dm.gene_dim, "n_batches": dm.n_batches,
             "time_values": dm.time_values,
             "gene_names": list(dm.gene_names) if dm.gene_dim else None}

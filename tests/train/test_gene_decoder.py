@@ -9,7 +9,8 @@ from stlib_testing import REPO, tiny_overrides
 
 from stlib.config import load_config
 from stlib.evaluate.predict import _config_for, predict_run, predict_split
-from stlib.loading import load_any, load_lightning_state_dict
+from stlib.loading import load_any
+from stlib.models.checkpoints import load_lightning_state_dict
 from stlib.models.parameters import base_model
 from stlib.models.state_transition import GeneDecoder
 from stlib.train.run import prepare_run, train
