@@ -241,7 +241,7 @@ class TrainingConfig:
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", ...
     seed: int = 42
     num_threads: int | None = None  # torch CPU threads; null = torch's default
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on a terminal; piped to a file or a notebook, plain step lines only
     # average the trainable weights over every step from this fraction of max_steps on, and save that average as
     # final.ckpt (stochastic weight averaging at the end of the schedule); null = off. Why: an average of late
     # weights sits in a flatter minimum, which carries over better to cell types never seen in training

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     callbacks = [checkpoint, LineProgress(), *extra_callbacks]
     if tcfg.average_weights_from is not None:
         callbacks.append(WeightAverage(int(tcfg.average_weights_from * tcfg.max_steps)))
-    if tcfg.progress_bar:
+    bar = tcfg.progress_bar and sys.stdout.isatty()  # a bar redrawn into a log file or notebook is noise
+    if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=tcfg.steps(tcfg.log_every_n_steps)))
     trainer = L.Trainer(
         max_steps=tcfg.max_steps, accelerator=accelerator, devices=devices, num_nodes=tcfg.num_nodes,
@@ -203,7 +205,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         precision=tcfg.precision, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         val_check_interval=min(tcfg.steps(tcfg.val_every_n_steps), tcfg.max_steps), check_val_every_n_epoch=None,
         gradient_clip_val=tcfg.gradient_clip_val or None, log_every_n_steps=tcfg.steps(tcfg.log_every_n_steps),
-        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=bar, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the data module gives each process its share of every batch itself
     )
     try:
