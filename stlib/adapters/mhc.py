@@ -432,11 +432,6 @@ class ManifoldHyperConnections(nn.Module):
 # ------------------------------------------------------------------------------------------- applying
 
 
-def residual_branches(backbone: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """A backbone's residual branches in depth order: attn_0, mlp_0, attn_1, mlp_1, ..."""
-    return [f for layer in backbone.layers for f in (layer.attn_branch, layer.mlp_branch)]
-
-
 class MHCBackbone(nn.Module):
     """A plain pre-norm residual backbone (``layers`` with ``attn_branch``/``mlp_branch``, a final ``norm``) with
     its residual sums replaced by mHC.
@@ -458,7 +453,8 @@ class MHCBackbone(nn.Module):
         self.train(plain.training)
 
     def branches(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        return residual_branches(self)
+        """Residual branches in depth order: attn_0, mlp_0, attn_1, mlp_1, ..."""
+        return [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[B, S, D] -> [B, S, D]."""
