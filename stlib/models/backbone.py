@@ -6,9 +6,9 @@ signal at all, and every cell attends to every other. We rebuild exactly that wi
 ``scaled_dot_product_attention`` (fast on CPU and GPU, no HF dependency) and keep HF's parameter names
 (``embed_tokens``, ``layers.{i}.self_attn.q_proj`` ..., ``norm``) so State checkpoints load strictly.
 
-Each layer exposes its two residual branches (``attn_branch``, ``mlp_branch``) so that
-manifold-constrained hyper-connections (stlib.adapters.mhc) can replace the plain residual sum by setting
-``backbone.hyper_connections``; with it unset the forward is the ordinary pre-norm residual stack.
+Each layer exposes its two residual branches (``attn_branch``, ``mlp_branch``) and the stack its final
+``norm``: that is all the mHC adapter (manifold-constrained hyper-connections) needs to wrap it. This
+module knows nothing of mHC; the forward is the plain pre-norm residual stack.
 
 Shapes: B sets, S cells per set, D hidden width, Hq query heads, Hkv key/value heads, d head width.
 """
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stlib.adapters.mhc import ResidualBranchStack
 from stlib.config import ModelConfig
 
 # State keeps (and never uses) a token embedding of LlamaConfig's default vocabulary size.
@@ -88,7 +87,7 @@ class SetTransformerLayer(nn.Module):
         return x + self.mlp_branch(x)
 
 
-class SetTransformer(ResidualBranchStack):
+class SetTransformer(nn.Module):
     """Stack of bidirectional LLaMA layers + final RMSNorm; input is already embedded ([B, S, D])."""
 
     def __init__(self, cfg: ModelConfig):
@@ -99,3 +98,9 @@ class SetTransformer(ResidualBranchStack):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(SetTransformerLayer(cfg, cfg.attention_dropout) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.hidden_dim, eps=cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D]: the residual layers (h <- h + F(h) per branch), then the final norm."""
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h)

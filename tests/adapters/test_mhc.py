@@ -1,12 +1,16 @@
-"""mHC: Sinkhorn accuracy/dtypes/gradients, identity at init, training moves it, off means baseline."""
+"""mHC: Sinkhorn accuracy/dtypes/gradients, identity at init, training moves it, off means baseline.
+
+The reference for the fast paths is `eager_streams`: the paper's update in plain autograd ops through
+`reference_coefficients`; both kernels (torch, numba) are checked against it and against each other.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stlib.adapters.mhc import ManifoldHyperConnections, MHCError, ResidualBranchStack, apply_mhc, sinkhorn_knopp
-from stlib.config import ConfigError, MHCConfig
+from stlib.adapters.mhc import KERNELS, ManifoldHyperConnections, MHCBackbone, MHCError, apply_mhc, sinkhorn_knopp
+from stlib.config import MHC_KERNELS, ConfigError, MHCConfig
 
 
 def ds_error(p: torch.Tensor) -> float:
@@ -31,11 +35,21 @@ class ToyLayer(nn.Module):
         return self.down(F.gelu(self.up(self.n2(x))))
 
 
-class ToyBackbone(ResidualBranchStack):
+class ToyBackbone(nn.Module):
+    """The plain pre-norm residual stack (as stlib.models.backbone.SetTransformer)."""
+
     def __init__(self, d: int = 16, n_layers: int = 2):
         super().__init__()
         self.layers = nn.ModuleList(ToyLayer(d) for _ in range(n_layers))
         self.norm = nn.RMSNorm(d)
+
+    def branches(self):
+        return [f for layer in self.layers for f in (layer.attn_branch, layer.mlp_branch)]
+
+    def forward(self, h):
+        for f in self.branches():
+            h = h + f(h)
+        return self.norm(h)
 
 
 class ToyModel(nn.Module):
@@ -152,6 +166,29 @@ def test_gauss_jordan_solve_matches_linalg_solve():
     torch.testing.assert_close(_solve(h, rhs), ref, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_gradient_matches_finite_differences(kernel):
+    torch.manual_seed(5)
+    logits = (torch.randn(3, 3, 3, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sinkhorn_knopp(x, n_iters=200, tol=1e-13, kernel=kernel), (logits,))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_sinkhorn_zero_tol_is_the_fixed_iteration_of_the_paper(kernel):
+    """tol = 0: exactly n_iters column-then-row sweeps (Eq. 9) after the first row normalisation; no early exit, no
+    Newton. (Logits are first shifted to max 0 per row, then per column, which only rescales the start.)"""
+    torch.manual_seed(6)
+    logits = torch.randn(50, 4, 4, dtype=torch.float64) * 10
+    shifted = logits - logits.amax(-1, keepdim=True)
+    m = (shifted - shifted.amax(-2, keepdim=True)).softmax(-1)
+    for _ in range(7):
+        m = m / m.sum(-2, keepdim=True)
+        m = m / m.sum(-1, keepdim=True)
+    p = sinkhorn_knopp(logits, n_iters=7, tol=0.0, kernel=kernel)
+    torch.testing.assert_close(p, m, atol=1e-12, rtol=1e-9)
+    assert ds_error(p) > 1e-3  # 7 sweeps at scale 10 are far from converged: no Newton ran
+
+
 def test_sinkhorn_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         sinkhorn_knopp(torch.zeros(2, 3, 4))
@@ -160,50 +197,64 @@ def test_sinkhorn_rejects_non_square():
 # ------------------------------------------------------------------------------------------- module
 
 
-def test_identity_at_init_within_1e5():
-    plain, wrapped = toy_pair()
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_identity_at_init_within_1e5(k):
+    plain, wrapped = toy_pair(n_streams=k)
     x = torch.randn(3, 7, 16)
     assert wrapped.transformer_backbone.hyper_connections is not None
     torch.testing.assert_close(wrapped(x), plain(x), atol=1e-5, rtol=0)
 
 
-def test_static_coefficients_at_init():
+def reference_coefficients(mhc: ManifoldHyperConnections, x: torch.Tensor, index: int):
+    """Eq. 7-8 in plain autograd ops: streams [N, K, D] -> H_pre [N, K], H_post [N, K], H_res [N, K, K]."""
+    n, k, d = x.shape
+    flat = x.reshape(n, k * d)
+    normed = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + mhc.eps)  # RMSNorm(vec(X)), no weight
+    coef = mhc.bias[index] + mhc.alpha[index][mhc.group] * (normed @ mhc.phi[index])  # [N, M]
+    pre, post = torch.sigmoid(coef[:, :k]), 2 * torch.sigmoid(coef[:, k : 2 * k])
+    res = sinkhorn_knopp(coef[:, 2 * k :].reshape(n, k, k), mhc.sinkhorn_iters, mhc.sinkhorn_tol, kernel="torch")
+    return pre, post, res
+
+
+def eager_streams(mhc: ManifoldHyperConnections, h: torch.Tensor, branches) -> torch.Tensor:
+    """The paper's update (Eq. 3) in plain autograd ops: the reference for both kernels' fused nodes."""
+    b, s, d = h.shape
+    x = h.reshape(b * s, 1, d).expand(-1, mhc.n_streams, -1)
+    for index, branch in enumerate(branches):
+        pre, post, res = reference_coefficients(mhc, x, index)
+        y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(b * s, 1, d)
+        x = res @ x + post.unsqueeze(-1) * y
+    return x.view(b, s, mhc.n_streams, d)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_static_coefficients_at_init(k):
     """H_pre sums to 1 (staggered), H_post = 1, H_res doubly stochastic; dynamic part exactly zero."""
-    mhc = ManifoldHyperConnections(dim=8, n_branches=5, n_streams=4)
-    x = torch.randn(6, 4, 8)
+    mhc = ManifoldHyperConnections(dim=8, n_branches=5, n_streams=k)
+    x = torch.randn(6, k, 8)
     for index in range(5):
-        pre, post_half, res = mhc.coefficients(x, index)
+        pre, post, res = reference_coefficients(mhc, x, index)
         torch.testing.assert_close(pre.sum(-1), torch.ones(6))
-        assert pre[:, index % 4].min() > pre.sum(-1).max() / 4  # branch l leans on stream l mod K
-        torch.testing.assert_close(2 * post_half, torch.ones(6, 4))
+        assert pre[:, index % k].min() > pre.sum(-1).max() / k  # branch l leans on stream l mod K
+        torch.testing.assert_close(post, torch.ones(6, k))
         assert ds_error(res) < 1e-6
         assert torch.allclose(res, res[:1].expand_as(res))  # same for every token: phi = 0
 
 
-def eager_streams(mhc: ManifoldHyperConnections, h: torch.Tensor, branches) -> torch.Tensor:
-    """The paper's update written with plain autograd through `coefficients` (the reference for the fused node)."""
-    b, s, d = h.shape
-    x = h.reshape(b * s, 1, d).expand(-1, mhc.n_streams, -1)
-    for index, branch in enumerate(branches):
-        pre, post_half, res = mhc.coefficients(x, index)
-        y = branch((pre.unsqueeze(1) @ x).view(b, s, d)).reshape(b * s, 1, d)
-        x = res @ x + 2 * post_half.unsqueeze(-1) * y
-    return x.view(b, s, mhc.n_streams, d)
-
-
+@pytest.mark.parametrize("k", [2, 3, 4])
 @pytest.mark.parametrize("kernel", ["torch", "numba"])
-def test_fused_branch_read_matches_eager_autograd(kernel):
+def test_fused_branch_read_matches_eager_autograd(kernel, k):
     """Forward and every gradient (x, phi, alpha, bias) of the hand-written backward == autograd, float64, trained state."""
     torch.manual_seed(12)
     backbone = ToyBackbone().double()
-    mhc = ManifoldHyperConnections(16, 4, n_streams=4, sinkhorn_tol=1e-12, kernel=kernel).double()
+    mhc = ManifoldHyperConnections(16, 4, n_streams=k, sinkhorn_tol=1e-12, kernel=kernel).double()
     with torch.no_grad():  # token-dependent coefficients and an unbalanced static part: every path does work
         mhc.phi.normal_(0, 0.2)
         mhc.alpha.uniform_(0.5, 1.5)
         mhc.bias.add_(torch.randn_like(mhc.bias))
-    branches = [f for layer in backbone.layers for f in (layer.attn_branch, layer.mlp_branch)]
+    branches = backbone.branches()
     h = torch.randn(2, 5, 16, dtype=torch.float64)
-    weight = torch.randn(2, 5, 4, 16, dtype=torch.float64)
+    weight = torch.randn(2, 5, k, 16, dtype=torch.float64)
     grads = []
     for run in (mhc.streams, lambda x, fs: eager_streams(mhc, x, fs)):
         x = h.clone().requires_grad_()
@@ -213,7 +264,8 @@ def test_fused_branch_read_matches_eager_autograd(kernel):
         torch.testing.assert_close(ours, ref, atol=1e-9, rtol=1e-7, msg=f"{name} differs")
 
 
-def test_numba_and_torch_kernels_agree_in_float32():
+@pytest.mark.parametrize("k", [3, 4])
+def test_numba_and_torch_kernels_agree_in_float32(k):
     """The default CPU path (numba) and the torch path give the same outputs and gradients at float32 precision."""
     torch.manual_seed(3)
     backbone = ToyBackbone(d=32)
@@ -222,7 +274,7 @@ def test_numba_and_torch_kernels_agree_in_float32():
     results = []
     for kernel in ("torch", "numba"):
         torch.manual_seed(4)
-        mhc = ManifoldHyperConnections(32, 4, n_streams=4, kernel=kernel)
+        mhc = ManifoldHyperConnections(32, 4, n_streams=k, kernel=kernel)
         with torch.no_grad():
             mhc.phi.normal_(0, 0.3)
             mhc.alpha.fill_(1.0)
@@ -236,16 +288,15 @@ def test_numba_and_torch_kernels_agree_in_float32():
 @pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
 def test_numba_projection_matches_torch_projection(scale):
     """Both projections land on the same doubly-stochastic matrix (it is unique) within their tolerance."""
-    from stlib.adapters import mhc_kernels
-
     torch.manual_seed(int(scale))
     logits = torch.randn(300, 4, 4, dtype=torch.float64) * scale
-    ours = torch.from_numpy(mhc_kernels.project(logits.numpy(), 20, 1e-9, 30))
+    ours = sinkhorn_knopp(logits, tol=1e-9, kernel="numba")
     assert ds_error(ours) < 1e-8
     torch.testing.assert_close(ours, sinkhorn_knopp(logits, tol=1e-9, kernel="torch"), atol=1e-6, rtol=0)
 
 
 def test_kernel_choice_is_checked():
+    assert KERNELS == MHC_KERNELS  # the config offers exactly the registered kernels
     with pytest.raises(MHCError, match="kernel must be one of"):
         ManifoldHyperConnections(8, 2, kernel="cuda")
     mhc = ManifoldHyperConnections(8, 2, kernel="numba").to(torch.bfloat16)
@@ -276,10 +327,9 @@ def test_training_moves_params_and_outputs():
 def test_uniform_pre_init_would_keep_streams_identical():
     """Why H_pre is staggered: with uniform static weights, every stream gets the same gradient forever."""
 
-    def stream_spread(primary: float) -> float:
+    def stream_spread(stagger: float) -> float:
         torch.manual_seed(6)
-        backbone = ToyBackbone()
-        backbone.hyper_connections = ManifoldHyperConnections(16, 4, n_streams=4, pre_primary_weight=primary)
+        backbone = MHCBackbone(ToyBackbone(), ManifoldHyperConnections(16, 4, n_streams=4, pre_stagger=stagger))
         mhc = backbone.hyper_connections
         opt = torch.optim.SGD(mhc.parameters(), lr=0.5)  # SGD: Adam would blow rounding noise up to full steps
         x = torch.randn(2, 5, 16)
@@ -287,13 +337,11 @@ def test_uniform_pre_init_would_keep_streams_identical():
             opt.zero_grad()
             backbone(x).sum().backward()
             opt.step()
-        streams = backbone.hyper_connections.streams(
-            x, [f for layer in backbone.layers for f in (layer.attn_branch, layer.mlp_branch)]
-        )
+        streams = mhc.streams(x, backbone.branches())
         return (streams - streams[:, :, :1]).abs().max().item()
 
-    assert stream_spread(0.25) < 1e-5  # rounding noise only
-    assert stream_spread(0.5) > 1e-3
+    assert stream_spread(0.0) < 1e-5  # rounding noise only
+    assert stream_spread(0.25) > 1e-3
 
 
 def test_stability_stats_at_init():
@@ -324,9 +372,33 @@ def test_forward_backward_shapes():
 
 def test_one_stream_leaves_model_plain():
     plain, wrapped = toy_pair(seed=9, n_streams=1)
-    assert wrapped.transformer_backbone.hyper_connections is None
+    assert type(wrapped.transformer_backbone) is ToyBackbone
     x = torch.randn(2, 4, 16)
     assert torch.equal(wrapped(x), plain(x))
+
+
+def test_wrapper_reuses_the_plain_modules_and_keeps_their_keys(tmp_path):
+    """mHC backbone = the plain backbone's own children + hyper_connections; state dicts round-trip strictly."""
+    torch.manual_seed(14)
+    model = ToyModel()
+    plain_backbone, plain_keys = model.transformer_backbone, set(model.state_dict())
+    apply_mhc(model, MHCConfig(n_streams=3))
+    backbone = model.transformer_backbone
+    assert isinstance(backbone, MHCBackbone) and backbone.layers is plain_backbone.layers
+    assert backbone.norm is plain_backbone.norm
+    keys = set(model.state_dict())
+    assert keys - plain_keys == {f"transformer_backbone.hyper_connections.{n}" for n in ("phi", "alpha", "bias")}
+    assert plain_keys <= keys
+    with torch.no_grad():
+        backbone.hyper_connections.phi.normal_()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.manual_seed(15)
+    fresh = apply_mhc(ToyModel(), MHCConfig(n_streams=3))
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"), strict=True)
+    x = torch.randn(2, 4, 16)
+    torch.testing.assert_close(fresh(x), model(x))
+    bare = apply_mhc(ToyBackbone(), MHCConfig(n_streams=2))  # a bare backbone comes back wrapped
+    assert isinstance(bare, MHCBackbone) and bare(x).shape == x.shape
 
 
 def test_apply_mhc_errors_name_what_is_missing():
