@@ -12,7 +12,7 @@ Printed tables, not a test:
   3. doubly-stochastic error of our sinkhorn_knopp vs the paper's plain exp-domain iteration (Eq. 9, 20
      sweeps) at logit scales 1, 10, 50.
 `--compare-lucidrains` adds hyper-connections' mHC (`pip install hyper-connections`, own venv).
-docs/decisions-mhc.md has the numbers and what was tried.
+docs/decisions.md ("mHC") has the numbers and what was tried.
 
     python benchmarks/bench_mhc.py [--threads 1] [--device cuda] [--repeats 30] [--compile] [--compare-lucidrains]
     (lucidrains: PYTHONPATH=. benchmarks/.venv/bin/python benchmarks/bench_mhc.py --compare-lucidrains)

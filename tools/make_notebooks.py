@@ -1,6 +1,7 @@
 import nbformat as nbf
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+
 def nb(cells):
     n = new_notebook(cells=cells)
     n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -20,7 +20,7 @@ can drift apart during training; with uniform weights every stream gets the same
 One torch implementation, for any K and device: each branch's coefficient path and stream read is one
 autograd node (_BranchRead) with a hand-written backward, and Sinkhorn's backward is implicit
 differentiation at the solution. On CPU ``kernel="auto"`` runs the same maths in compiled loops
-(stlib.adapters.mhc_kernels, numba), which is faster there; docs/decisions-mhc.md has the measurements.
+(stlib.adapters.mhc_kernels, numba), which is faster there; docs/decisions.md ("mHC") has the measurements.
 
 Shapes: B sets, S cells per set, N = B*S tokens, D hidden width, K streams, M = 2K + K^2 coefficients.
 """
