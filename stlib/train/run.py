@@ -214,7 +214,8 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         if main_process:
             _write_summary(run_dir, "failed", trainer.global_step, started)
         raise
-    trainer.save_checkpoint(ckpt_dir / FINAL_CHECKPOINT)  # every process calls it; the main one writes
+    # every process calls it, the main one writes; no optimizer state: a finished run resumes from last.ckpt
+    trainer.save_checkpoint(ckpt_dir / FINAL_CHECKPOINT, weights_only=True)
     if not main_process:
         return run_dir
     if cfg.lora.enable:
