@@ -63,7 +63,8 @@ class CellSetStore:
     """Arrays and groups; draws and collates sets. Holds no AnnData, so DataLoader workers copy little."""
 
     def __init__(self, *, embed, genes, velocity, confidence, batch_codes, groups, group_pert_vec,
-                 group_pert_index, group_cell_type_index, cell_set_len, group_time_index=None):
+                 group_pert_index, group_cell_type_index, cell_set_len, group_time_index=None,
+                 group_is_control=None):
         self.embed = embed  # [N, D] float32
         self.genes = genes  # [N, G] float32 (dense or CSR) or None
         self.velocity = velocity  # [N, D] float32 or None
@@ -75,6 +76,9 @@ class CellSetStore:
         self.group_cell_type_index = group_cell_type_index  # [n_groups] int64
         self.group_time_index = group_time_index  # [n_groups] int64 (code of the time point) or None
         self.cell_set_len = cell_set_len
+        # [n_groups] bool: the group's cells are controls (a control -> control set, whose ideal shift is ~0)
+        self.group_is_control = (np.zeros(len(groups), bool) if group_is_control is None
+                                 else np.asarray(group_is_control, bool))
 
     def draw(self, gid: int, n_sets: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(target rows, basal rows), each [n_sets, S]."""
@@ -97,6 +101,7 @@ class CellSetStore:
             "basal_obs_index": torch.from_numpy(basal_idx.astype(np.int64, copy=False)),
             "target_obs_index": torch.from_numpy(target_idx.astype(np.int64, copy=False)),
             "group_index": torch.from_numpy(gids),
+            "control_set": torch.from_numpy(self.group_is_control[gids]),
         }
         if self.group_time_index is not None:
             out["time_index"] = torch.from_numpy(self.group_time_index[gids])  # [B]: one time point per set

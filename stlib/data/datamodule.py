@@ -341,6 +341,7 @@ class PerturbationDataModule(L.LightningDataModule):
             group_pert_index=np.array([self._pert_map[g.pert] for g in groups], np.int64),
             group_cell_type_index=np.array([self._cell_type_map[g.cell_type] for g in groups], np.int64),
             cell_set_len=self.cell_set_len,
+            group_is_control=np.array([g.pert == cfg.control_pert for g in groups], bool),
             group_time_index=(np.array([frame["time"].iat[g.obs_indices[0]] for g in groups], np.int64)
                               if times is not None else None),
         )

@@ -88,7 +88,7 @@ class STLightningModule(L.LightningModule):
             weight = velocity_weight(step, velocity_cfg.loss_weight, self.cfg.training.steps(velocity_cfg.warmup_steps))
             losses["velocity_loss"] = velocity_alignment_loss(
                 out["pred"], batch["basal"], batch["basal_velocity"], batch["basal_velocity_confidence"],
-                beta=velocity_cfg.beta,
+                beta=velocity_cfg.beta, skip_sets=batch.get("control_set"),
             )
             losses["velocity_weight"] = torch.tensor(weight)
             if weight > 0:

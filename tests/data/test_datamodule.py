@@ -112,7 +112,8 @@ def test_batch_keys_shapes_dtypes(split_dm):
                 "pert": ((B, S, p), torch.float32), "pert_index": ((B,), torch.long),
                 "cell_type_index": ((B,), torch.long), "batch_index": ((B, S), torch.long),
                 "basal_obs_index": ((B, S), torch.long), "target_obs_index": ((B, S), torch.long),
-                "group_index": ((B,), torch.long), "time_index": ((B,), torch.long)}
+                "group_index": ((B,), torch.long), "time_index": ((B,), torch.long),
+                "control_set": ((B,), torch.bool)}
     assert set(batch) == set(expected)
     for key, (shape, dtype) in expected.items():
         assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, key
@@ -123,6 +124,17 @@ def test_batch_keys_shapes_dtypes(split_dm):
     times = split_dm.adata.obs[split_dm.data_cfg.time_col].astype(str).to_numpy()
     for row, t in zip(batch["target_obs_index"].numpy(), batch["time_index"].numpy(), strict=True):
         assert set(times[row]) == {split_dm.time_values[t]}  # each set's time point is its target cells'
+
+
+def test_control_set_marks_control_to_control_sets(split_dm):
+    cfg = split_dm.data_cfg
+    perts = split_dm.adata.obs[cfg.pert_col].astype(str).to_numpy()
+    seen = set()
+    for batch in batches(split_dm.train_dataloader(), 10):
+        for row, is_control in zip(batch["target_obs_index"].numpy(), batch["control_set"].numpy(), strict=True):
+            assert (set(perts[row]) == {cfg.control_pert}) == bool(is_control)
+            seen.add(bool(is_control))
+    assert seen == {True, False}  # both kinds drawn, so the check above saw each
 
 
 def test_train_sets_without_replacement_for_large_groups(split_dm):

@@ -75,6 +75,19 @@ def test_zero_velocity_and_zero_weight_cells_contribute_nothing(tensors):
     assert velocity_alignment_loss(pred, basal, velocity, confidence).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_skipped_sets_contribute_nothing(tensors):
+    basal, velocity, confidence = tensors
+    pred = (basal + torch.randn(B, S, D, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    skip = torch.tensor([False, True, False])
+    loss = velocity_alignment_loss(pred, basal, velocity, confidence, skip_sets=skip)
+    kept = velocity_alignment_loss(pred[~skip], basal[~skip], velocity[~skip], confidence[~skip])
+    assert loss.item() == pytest.approx(kept.item(), rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(pred.grad[1]) == 0 and torch.count_nonzero(pred.grad[0]) > 0
+    with pytest.raises(ValueError, match="skip_sets"):
+        velocity_alignment_loss(pred, basal, velocity, confidence, skip_sets=torch.tensor([True]))
+
+
 def test_no_usable_cell_gives_zero_with_finite_gradient(tensors):
     basal, velocity, _ = tensors
     pred = basal.clone().requires_grad_(True)  # zero shift as well
