@@ -11,10 +11,14 @@ The file format is the one State's data loader reads, so an existing State TOML 
     [fewshot."burn_sham.Keratinocyte"]   # ... and listed perturbations of a cell type (val and test may overlap)
     val = ["Burn"]
     test = ["Burn"]
+    [heldout_batches]                # stlib's extension (State has no such section): whole batches held out,
+    "burn_sham.M12" = "test"         # "dataset.<value of data.batch_col>" = val | test, e.g. unseen mice
 
 Rules (our reading of State's semantics): cell types not named under [zeroshot]/[fewshot] of a training
 dataset train; a fewshot cell type keeps its controls and unlisted perturbations in train; cells of a
-dataset not under [training] are used only where [zeroshot]/[fewshot] name them ("none" otherwise).
+dataset not under [training] are used only where [zeroshot]/[fewshot] name them ("none" otherwise); every
+cell of a batch under [heldout_batches] goes to that split (controls included, as [zeroshot] does for cell types),
+applied last. A held-out mouse's perturbed cells are predicted from controls of the same cell type and time point.
 Controls stay usable as basal cells by every split: the sampler draws basal cells from the controls of a
 group's cell type wherever their own label puts them.
 """
@@ -34,7 +38,7 @@ from stlib.data.errors import DataError, listing
 SPLITS = ("train", "val", "test")
 UNUSED = "none"  # label of cells no split uses (a dataset outside [training], not named elsewhere)
 DATASET_COL = "dataset"  # obs column naming each cell's dataset after concatenation
-_SECTIONS = ("datasets", "training", "zeroshot", "fewshot")
+_SECTIONS = ("datasets", "training", "zeroshot", "fewshot", "heldout_batches")
 _HELD_OUT = ("val", "test")
 
 
@@ -47,6 +51,12 @@ class SplitConfig:
     training: dict[str, str]  # name -> "train"
     zeroshot: dict[tuple[str, str], str] = field(default_factory=dict)  # (dataset, cell type) -> val | test
     fewshot: dict[tuple[str, str], dict[str, list[str]]] = field(default_factory=dict)  # -> {val: [...], test: [...]}
+    heldout_batches: dict[tuple[str, str], str] = field(default_factory=dict)  # (dataset, batch) -> val | test
+
+    @property
+    def setting(self) -> str:
+        """What the held-out splits test: "unseen_mouse" (whole batches held out) or "unseen_cell_type"."""
+        return "unseen_mouse" if self.heldout_batches else "unseen_cell_type"
 
     def files(self, name: str) -> list[Path]:
         """The .h5ad files behind one dataset name (a folder means all of its .h5ad files, sorted)."""
@@ -147,9 +157,17 @@ def load_split_config(toml_path: str | Path) -> SplitConfig:
             raise DataError(f'cell type "{key}" is under both [zeroshot] and [fewshot] in {path}; choose one')
         fewshot[pair] = {split: _perturbation_list(key, split, value.get(split, []), path) for split in _HELD_OUT}
 
+    heldout_batches = {}
+    for key, value in _section(raw, "heldout_batches", path).items():
+        pair = _split_key(key, datasets, "heldout_batches", path)
+        if value not in _HELD_OUT:
+            raise DataError(f'[heldout_batches] "{key}" = {value!r} in {path}; expected "val" or "test"')
+        heldout_batches[pair] = value
+
     if not training and not zeroshot and not fewshot:
         raise DataError(f"{path} assigns nothing: add a [training] entry (e.g. {next(iter(datasets))} = \"train\")")
-    return SplitConfig(path=path, datasets=datasets, training=training, zeroshot=zeroshot, fewshot=fewshot)
+    return SplitConfig(path=path, datasets=datasets, training=training, zeroshot=zeroshot, fewshot=fewshot,
+                       heldout_batches=heldout_batches)
 
 
 # --------------------------------------------------------------------------------------------- assignment
@@ -215,6 +233,21 @@ def split_masks(obs: pd.DataFrame, split_cfg: SplitConfig, data_cfg: DataConfig)
             held = here & np.isin(pert, perts)
             masks["train"] &= ~held
             masks[split] |= held
+
+    if split_cfg.heldout_batches:
+        if not data_cfg.batch_col or data_cfg.batch_col not in obs:
+            raise DataError(f"[heldout_batches] in {path} holds out values of data.batch_col, which is "
+                            f"{data_cfg.batch_col!r}" + ("" if not data_cfg.batch_col else
+                                                         f"; obs columns: {listing(obs.columns)}"))
+        batch = obs[data_cfg.batch_col].astype(str).to_numpy()
+        batches = pd.DataFrame({"d": dataset, "b": batch}).groupby("d")["b"].unique().map(set).to_dict()
+        for (ds, b), split in split_cfg.heldout_batches.items():
+            if b not in batches.get(ds, set()):
+                raise DataError(f'[heldout_batches] "{ds}.{b}" in {path}: {data_cfg.batch_col} = {b!r} does not '
+                                f"exist in dataset {ds!r}; values there: {listing(batches.get(ds, ()))}")
+            here = (dataset == ds) & (batch == b)
+            masks["train"] &= ~here
+            masks[split] |= here
     return masks
 
 

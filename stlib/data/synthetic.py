@@ -63,7 +63,7 @@ SOURCE_CONTROL = "DMSO_TF"
 CELL_LINES = ("A549", "MCF7", "HepG2", "K562")
 N_DRUGS = 20
 N_PLATES = 4
-MICE_PER_GROUP = 2
+MICE_PER_GROUP = 3
 N_GRID = 400  # pseudotime grid points for the kinetics integration
 INFLAMMATION_GAIN = 2.5  # A in the inflammation multiplier 1 + A r_c day_scale w_g
 NB_DISPERSION = 0.2  # negative-binomial overdispersion (variance = mu + phi mu^2)
@@ -92,6 +92,15 @@ CELL_TYPES: dict[str, CellTypeSpec] = {
 # zero-shot split written into wound_healing.toml: held-out cell types all have trajectories
 ZEROSHOT = {"Fibroblast": "test", "Macrophage": "test", "Endothelial": "val"}
 SOURCE_VAL_LINE = "K562"
+
+
+def heldout_mice() -> dict[str, str]:
+    """Mouse id -> split for wound_healing_mice.toml: of each day's Burn mice, one validates and one tests."""
+    out = {}
+    for d in range(len(DAYS)):
+        first = (len(DAYS) + d) * MICE_PER_GROUP  # mice are numbered Sham days first, then Burn days
+        out[f"M{first + 2:02d}"], out[f"M{first + 3:02d}"] = "val", "test"
+    return out
 
 
 # --------------------------------------------------------------------------------------------- genes
@@ -542,11 +551,16 @@ def write_state_toml(
     training: Mapping[str, str],
     zeroshot: Mapping[str, str] | None = None,
     fewshot: Mapping[str, Mapping[str, list]] | None = None,
+    heldout_batches: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a State data TOML: [datasets] name = path, [training], [zeroshot] "ds.celltype" = split,
-    [fewshot."ds.celltype"] split = [perts]. Dataset paths are kept as given (relative = to the TOML's folder)."""
+    [fewshot."ds.celltype"] split = [perts], and stlib's [heldout_batches] "ds.batch" = split when given.
+    Dataset paths are kept as given (relative = to the TOML's folder)."""
     lines = []
-    for section, table in (("datasets", datasets), ("training", training), ("zeroshot", zeroshot or {})):
+    tables = [("datasets", datasets), ("training", training), ("zeroshot", zeroshot or {})]
+    if heldout_batches:
+        tables.append(("heldout_batches", heldout_batches))
+    for section, table in tables:
         lines.append(f"[{section}]")
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
         lines.append("")
@@ -585,6 +599,7 @@ def write_default_data(
         "source_perturbations": out / "source_perturbations.h5ad",
         "embedding_map": out / EMBEDDING_MAP_FILE,
         "wound_healing_toml": out / "wound_healing.toml",
+        "wound_healing_mice_toml": out / "wound_healing_mice.toml",
         "source_perturbations_toml": out / "source_perturbations.toml",
     }
     np.savez(paths["embedding_map"], **emap)
@@ -595,6 +610,12 @@ def write_default_data(
         datasets={"wound_healing": paths["wound_healing"].name},
         training={"wound_healing": "train"},
         zeroshot={f"wound_healing.{ct}": split for ct, split in ZEROSHOT.items()},
+    )
+    write_state_toml(  # the users' own setting: every cell type trains, whole Burn mice are held out
+        paths["wound_healing_mice_toml"],
+        datasets={"wound_healing": paths["wound_healing"].name},
+        training={"wound_healing": "train"},
+        heldout_batches={f"wound_healing.{m}": split for m, split in heldout_mice().items()},
     )
     write_state_toml(
         paths["source_perturbations_toml"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _data_fixtures import CONTROL, data_cfg, make_adata, write_h5ad, write_toml
+from _data_fixtures import CONTROL, data_cfg, make_adata, single_dataset, write_h5ad, write_toml
 
 from stlib.data.errors import DataError
 from stlib.data.splits import assign_splits, load_split_config, split_masks
@@ -130,6 +130,7 @@ BAD_AGAINST_DATA = {
     "fewshot cell type": ('[fewshot."exp.Z"]\nval = ["p1"]\n', r"cell type 'Z' does not exist.*'A', 'B', 'C'"),
     "fewshot perturbation": ('[fewshot."exp.A"]\ntest = ["p9"]\n', r"perturbation\(s\) 'p9' not found.*'ctrl', 'p1'"),
     "fewshot control": ('[fewshot."exp.A"]\nval = ["ctrl"]\n', r"lists the control 'ctrl'"),
+    "held-out batch": ('[heldout_batches]\n"exp.m9" = "test"\n', r"mouse_id = 'm9' does not exist.*'m1', 'm2'"),
 }
 
 
@@ -141,6 +142,26 @@ def test_errors_against_the_data(tmp_path, case):
     toml = write_toml(tmp_path, f'[datasets]\nexp = "exp.h5ad"\n[training]\nexp = "train"\n{text}')
     with pytest.raises(DataError, match=pattern):
         assign_splits(adata.obs, load_split_config(toml), data_cfg(toml))
+
+
+def test_heldout_batches_hold_out_whole_mice(tmp_path):
+    adata = make_adata(mice=(("m1", 10), ("m2", 10), ("m3", 14)))
+    toml = single_dataset(tmp_path, adata, '[heldout_batches]\n"exp.m2" = "val"\n"exp.m3" = "test"\n')
+    split_cfg = load_split_config(toml)
+    labels = assign_splits(adata.obs, split_cfg, data_cfg(toml))
+    mouse = adata.obs["mouse_id"].to_numpy()
+    assert split_cfg.setting == "unseen_mouse"
+    assert set(labels[mouse == "m1"]) == {"train"}  # every cell type trains on the other mice
+    assert set(labels[mouse == "m2"]) == {"val"} and set(labels[mouse == "m3"]) == {"test"}
+
+
+def test_heldout_batches_need_batch_col(tmp_path):
+    toml = single_dataset(tmp_path, extra='[heldout_batches]\n"exp.m1" = "test"\n')
+    with pytest.raises(DataError, match=r"data.batch_col, which is None"):
+        assign_splits(make_adata().obs, load_split_config(toml), data_cfg(toml, batch_col=None))
+    bad = write_toml(tmp_path, HEAD + '[heldout_batches]\n"exp.m1" = "train"\n')
+    with pytest.raises(DataError, match=r'\[heldout_batches\] "exp.m1" = \'train\'.*"val" or "test"'):
+        load_split_config(bad)
 
 
 def test_missing_obs_column(split_setup):

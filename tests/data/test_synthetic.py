@@ -63,10 +63,20 @@ def test_log1p_layer_is_normalize_total_then_log1p(wound):
 
 def test_mice_are_one_condition_and_day_each(wound):
     per_mouse = wound.obs.groupby("mouse_id", observed=True)[["condition", "day"]].nunique()
-    assert len(per_mouse) == 12
+    assert len(per_mouse) == 18
     assert (per_mouse == 1).all().all()
     mice_per_group = wound.obs.groupby(["condition", "day"], observed=True)["mouse_id"].nunique()
-    assert (mice_per_group == 2).all()
+    assert (mice_per_group == 3).all()
+
+
+def test_heldout_mice_are_burn_one_val_and_one_test_per_day(wound):
+    from stlib.data.synthetic import heldout_mice
+
+    held = heldout_mice()
+    obs = wound.obs.drop_duplicates("mouse_id").set_index("mouse_id")
+    assert set(obs.loc[list(held), "condition"]) == {"Burn"}
+    for split in ("val", "test"):
+        assert sorted(obs.loc[[m for m, s in held.items() if s == split], "day"]) == [10, 14, 19]
 
 
 def test_deterministic_for_a_seed():
