@@ -381,6 +381,11 @@ class PerturbationDataModule(L.LightningDataModule):
         return self._after_setup("_adata")
 
     @property
+    def split_config(self) -> SplitConfig:
+        """The parsed split TOML (its ``setting`` says what the held-out splits test)."""
+        return self._after_setup("_split_cfg")
+
+    @property
     def split_labels(self) -> np.ndarray:
         """'train' / 'val' / 'test' / 'none' per cell (test wins where fewshot val and test overlap)."""
         return self._after_setup("_labels")

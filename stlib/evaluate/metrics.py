@@ -24,6 +24,9 @@ Metrics per group:
   fixed seed. NaN when the real cells equal the controls (zero denominator).
 - ``mse``: mean over G of (predicted group mean − real group mean)².
 - ``emb_gene_correlation``, ``emb_direction_cosine``: the same in ``obsm[embed_key]`` when X holds genes.
+- ``de_overlap_<k>`` (k = 50, 100; gene space only): the share of the k genes with the largest real |shift| that
+  are also among the k largest predicted |shift| — the field's "top DE genes recovered". ``de_direction_<k>``:
+  of those k real top genes, the share whose predicted shift has the real sign. NaN with fewer than k genes.
 
 Per perturbation and cell type, over T >= 3 time points:
 - ``temporal_coherence``: do the predicted day-to-day changes follow the real ones? With real shifts
@@ -38,7 +41,13 @@ Per perturbation and cell type, over T >= 3 time points:
 
 Aggregation: a cell type's row is the mean over its groups (temporal coherence: mean over
 perturbations); the overall row (``cell_type == "all"``) is the mean over all groups, each group weighted
-equally (temporal coherence: mean over perturbation × cell type). NaN values are skipped in means.
+equally (temporal coherence: mean over perturbation × cell type). NaN values are skipped in means. Each overall
+metric has ``<metric>_lo`` / ``<metric>_hi``: a 95 % bootstrap interval over the held-out groups
+(:mod:`stlib.evaluate.intervals`).
+
+Convention against cell-eval 0.8: cell-eval takes a predicted group's shift from all control cells in the file;
+here it is taken from the controls the prediction was made from (above), which removes the draw's sampling noise
+from the model's score. Baselines predict from the same drawn controls, so both conventions rank them alike.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from geomloss import SamplesLoss
 from stlib.constants import BASAL_INDEX_KEY, GROUP_KEY, SOURCE_INDEX_KEY
 from stlib.errors import listing
 from stlib.evaluate import baselines
+from stlib.evaluate.intervals import bootstrap_interval, with_intervals
 from stlib.evaluate.layout import (
     ControlIndex,
     EvalError,
@@ -70,6 +80,8 @@ from stlib.evaluate.layout import (
 )
 
 GROUP_METRICS = ("gene_correlation", "cell_distance", "direction_cosine", "mse")
+DE_TOP_K = (50, 100)
+DE_METRICS = tuple(f"de_{kind}_{k}" for k in DE_TOP_K for kind in ("overlap", "direction"))
 EMB_METRICS = ("emb_gene_correlation", "emb_direction_cosine")
 # metric -> True when higher is better (plots colour by it; readers sort by it)
 HIGHER_IS_BETTER = {
@@ -80,7 +92,7 @@ HIGHER_IS_BETTER = {
     "mse": False,
     "emb_gene_correlation": True,
     "emb_direction_cosine": True,
-}
+} | {name: True for name in DE_METRICS}
 OVERALL = "all"  # cell_type value of the overall row
 _REL_EPS = 1e-6  # a predicted shift below this fraction of the real one counts as "no shift"
 _energy = SamplesLoss("energy")
@@ -104,6 +116,20 @@ def pearson(pred: np.ndarray, real: np.ndarray) -> float:
     if len(real) < 2:
         return float("nan")
     return direction_cosine(pred - pred.mean(), real - real.mean())
+
+
+def de_scores(pred_shift: np.ndarray, real_shift: np.ndarray, top_k=DE_TOP_K) -> dict[str, float]:
+    """de_overlap_<k> and de_direction_<k> of one group (see the module docstring)."""
+    out = {}
+    for k in top_k:
+        if len(real_shift) < k:
+            out[f"de_overlap_{k}"] = out[f"de_direction_{k}"] = float("nan")
+            continue
+        real_top = np.argsort(-np.abs(real_shift), kind="stable")[:k]
+        pred_top = np.argsort(-np.abs(pred_shift), kind="stable")[:k]
+        out[f"de_overlap_{k}"] = len(np.intersect1d(real_top, pred_top)) / k
+        out[f"de_direction_{k}"] = float(np.mean(np.sign(pred_shift[real_top]) == np.sign(real_shift[real_top])))
+    return out
 
 
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -230,6 +256,8 @@ def group_metrics(
             row[f"{prefix}direction_cosine"] = direction_cosine(p_shift, r_mean - ctrl)
             if prefix:
                 continue
+            if s.space == "gene":
+                row |= de_scores(p_shift, r_mean - ctrl)
             row["mse"] = float(np.mean((p_mean - r_mean) ** 2))
             p_cells = rows(pm, _subsample(p_idx, max_cells, rng))
             r_cells = rows(rm, _subsample(r_idx, max_cells, rng))
@@ -278,6 +306,35 @@ def temporal_table(pred: AnnData, real: AnnData, **settings: str | None) -> pd.D
 # ----------------------------------------------------------------------------------- per model
 
 
+def model_groups(
+    pred: AnnData, real: AnnData, *, max_cells: int = 500, seed: int = 0, **settings: str | None
+) -> pd.DataFrame:
+    """group_metrics plus each group's (pert, cell type) temporal_coherence, repeated over its time points."""
+    groups = group_metrics(pred, real, max_cells=max_cells, seed=seed, **settings)
+    temporal = temporal_table(pred, real, **settings)[["pert", "cell_type", "temporal_coherence"]]
+    return groups.merge(temporal, on=["pert", "cell_type"], how="left") if len(temporal) else \
+        groups.assign(temporal_coherence=np.nan)
+
+
+def summarise(groups: pd.DataFrame, seed: int = 0) -> tuple[dict[str, float], pd.DataFrame]:
+    """(overall metrics with 95 % intervals, per-cell-type table with an overall row) from model_groups' table."""
+    metric_cols = [c for c in (*GROUP_METRICS, *DE_METRICS, *EMB_METRICS) if c in groups]
+    units = groups.drop_duplicates(["pert", "cell_type"])  # temporal coherence: one value per (pert, cell type)
+    per_ct = groups.groupby("cell_type", sort=True)[metric_cols].mean()
+    per_ct.insert(0, "n_groups", groups.groupby("cell_type", sort=True).size())
+    per_ct["temporal_coherence"] = units.groupby("cell_type")["temporal_coherence"].mean()
+    overall = groups[metric_cols].mean()
+    overall["n_groups"] = len(groups)
+    overall["temporal_coherence"] = units["temporal_coherence"].mean()
+    per_ct.loc[OVERALL] = overall
+    per_ct = per_ct.reset_index(names="cell_type")
+    per_ct["n_groups"] = per_ct["n_groups"].astype(int)
+    summary = with_intervals({k: float(v) for k, v in overall.items()}, groups, metric_cols, seed)
+    summary["temporal_coherence_lo"], summary["temporal_coherence_hi"] = bootstrap_interval(
+        units["temporal_coherence"], seed=seed)
+    return summary, per_ct
+
+
 def compute_metrics(
     pred: AnnData, real: AnnData, *, max_cells: int = 500, seed: int = 0, **settings: str | None
 ) -> tuple[dict[str, float], pd.DataFrame]:
@@ -286,20 +343,7 @@ def compute_metrics(
     Settings (pert_col, control_pert, cell_type_key, time_col, embed_key, space, ...) come from
     ``real.uns["stlib"]``; keyword arguments replace them.
     """
-    groups = group_metrics(pred, real, max_cells=max_cells, seed=seed, **settings)
-    temporal = temporal_table(pred, real, **settings)
-    metric_cols = [c for c in (*GROUP_METRICS, *EMB_METRICS) if c in groups]
-    per_ct = groups.groupby("cell_type", sort=True)[metric_cols].mean()
-    per_ct.insert(0, "n_groups", groups.groupby("cell_type", sort=True).size())
-    per_ct["temporal_coherence"] = temporal.groupby("cell_type")["temporal_coherence"].mean()
-    overall = groups[metric_cols].mean()
-    overall["n_groups"] = len(groups)
-    overall["temporal_coherence"] = temporal["temporal_coherence"].mean() if len(temporal) else np.nan
-    per_ct.loc[OVERALL] = overall
-    per_ct = per_ct.reset_index(names="cell_type")
-    per_ct["n_groups"] = per_ct["n_groups"].astype(int)
-    summary = {k: float(v) for k, v in overall.items()}
-    return summary, per_ct
+    return summarise(model_groups(pred, real, max_cells=max_cells, seed=seed, **settings), seed)
 
 
 def _real_path(pred_path: Path) -> tuple[str, Path]:
@@ -312,54 +356,68 @@ def _real_path(pred_path: Path) -> tuple[str, Path]:
     return name[: -len("_pred.h5ad")], real
 
 
-def _rows(model: str, space: str, summary: dict, per_ct: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    per_ct = per_ct.copy()
-    per_ct.insert(0, "model", model)
-    return {"model": model, "space": space, **summary}, per_ct
+def evaluate_groups(
+    pred_paths: Sequence[str | Path], *, baselines_on_first: bool = True, max_cells: int = 500, seed: int = 0
+) -> pd.DataFrame:
+    """One row per (model, held-out group) for several models' ``<m>_pred.h5ad`` (each beside its
+    ``<m>_real.h5ad``), plus the baselines, built on the first file's real cells from its model's control cells.
+
+    Columns: model (``uns["stlib"]["model"]``, else the file stem), space, setting (``uns["stlib"]["setting"]``),
+    the group's keys and its metrics. A model name seen twice is evaluated once.
+    """
+    tables, seen = [], set()
+    first: tuple[AnnData, AnnData] | None = None
+
+    def add(model: str, pred: AnnData, real: AnnData) -> None:
+        s = read_settings(real)
+        table = model_groups(pred, real, max_cells=max_cells, seed=seed)
+        setting = str(real.uns.get("stlib", {}).get("setting", ""))
+        tables.append(table.assign(model=model, space=s.space, setting=setting))
+
+    for path in map(Path, pred_paths):
+        stem, real_path = _real_path(path)
+        pred, real = ad.read_h5ad(path), ad.read_h5ad(real_path)
+        model = str(pred.uns.get("stlib", {}).get("model") or stem)
+        if first is None:
+            first = pred, real
+        if model in seen:
+            warnings.warn(f"model {model!r} given twice; {path} skipped", stacklevel=2)
+            continue
+        seen.add(model)
+        add(model, pred, real)
+    if first is None:
+        raise EvalError("no prediction files given")
+    if baselines_on_first:
+        for name, make in baselines.BASELINES.items():
+            if name in seen:
+                continue
+            try:
+                add(name, make(first[1], pred=first[0]), first[1])
+            except EvalError as exc:
+                warnings.warn(f"baseline {name!r} skipped: {exc}", stacklevel=2)
+    out = pd.concat(tables, ignore_index=True)
+    front = ["model", "space", "setting"]
+    return out[front + [c for c in out.columns if c not in front]]
+
+
+def summarise_groups(groups: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary: one row per setting x model with intervals, per-cell-type table) from evaluate_groups' table."""
+    summaries, per_cts = [], []
+    for (setting, model), table in groups.groupby(["setting", "model"], sort=False):
+        summary, per_ct = summarise(table, seed)
+        summaries.append({"setting": setting, "model": model, "space": table["space"].iat[0], **summary})
+        per_cts.append(per_ct.assign(setting=setting, model=model))
+    per_ct = pd.concat(per_cts, ignore_index=True)
+    front = ["setting", "model"]
+    return pd.DataFrame(summaries), per_ct[front + [c for c in per_ct.columns if c not in front]]
 
 
 def evaluate_files(
     pred_paths: Sequence[str | Path], *, baselines_on_first: bool = True, max_cells: int = 500, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metrics for several models' ``<m>_pred.h5ad`` (each beside its ``<m>_real.h5ad``), plus baselines.
-
-    One row per model (column ``model``: ``uns["stlib"]["model"]``, else the file stem), then
-    ``control_mean`` and ``mean_shift`` computed on the first file's real cells. A model name seen twice
-    (e.g. a baseline file passed explicitly) is evaluated once.
-    """
-    summaries, per_cts, seen = [], [], set()
-    first_real: AnnData | None = None
-    for path in map(Path, pred_paths):
-        stem, real_path = _real_path(path)
-        pred, real = ad.read_h5ad(path), ad.read_h5ad(real_path)
-        model = str(pred.uns.get("stlib", {}).get("model") or stem)
-        if first_real is None:
-            first_real = real
-        if model in seen:
-            warnings.warn(f"model {model!r} given twice; {path} skipped", stacklevel=2)
-            continue
-        seen.add(model)
-        s = read_settings(real)
-        summary, per_ct = compute_metrics(pred, real, max_cells=max_cells, seed=seed)
-        row, table = _rows(model, s.space, summary, per_ct)
-        summaries.append(row)
-        per_cts.append(table)
-    if first_real is None:
-        raise EvalError("no prediction files given")
-    if baselines_on_first:
-        space = read_settings(first_real).space
-        for name, make in baselines.BASELINES.items():
-            if name in seen:
-                continue
-            try:
-                pred = make(first_real)
-            except EvalError as exc:
-                warnings.warn(f"baseline {name!r} skipped: {exc}", stacklevel=2)
-                continue
-            row, table = _rows(name, space, *compute_metrics(pred, first_real, max_cells=max_cells, seed=seed))
-            summaries.append(row)
-            per_cts.append(table)
-    return pd.DataFrame(summaries), pd.concat(per_cts, ignore_index=True)
+    """(summary, per-cell-type table) of :func:`evaluate_groups`: one summary row per model and baseline."""
+    groups = evaluate_groups(pred_paths, baselines_on_first=baselines_on_first, max_cells=max_cells, seed=seed)
+    return summarise_groups(groups, seed)
 
 
 def write_metrics(summary_df: pd.DataFrame, per_celltype_df: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:

@@ -201,22 +201,31 @@ def plot_umap_comparison(
 # ----------------------------------------------------------------------------------- metrics
 
 
-def _annotated(ax, values: np.ndarray, colours: np.ndarray, row_labels, col_labels, cmap: str) -> None:
+def _annotated(ax, values: np.ndarray, colours: np.ndarray, row_labels, col_labels, cmap: str,
+               intervals: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     ax.set_facecolor(GREY)
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=35, ha="right")
     ax.set_yticks(range(len(row_labels)), row_labels)
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, "nan" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=8)
+        text = "nan" if np.isnan(v) else f"{v:.3g}"
+        if intervals is not None and np.isfinite(intervals[0][i, j]):
+            text += f"\n[{intervals[0][i, j]:.2g}, {intervals[1][i, j]:.2g}]"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7 if intervals is not None else 8)
 
 
 def _best_is_one(row: np.ndarray, higher_is_better: bool) -> np.ndarray:
     """Min-max scale a metric across models so 1 = best model, 0 = worst (NaN kept)."""
-    lo, hi = np.nanmin(row), np.nanmax(row)
-    if not np.isfinite(lo) or hi == lo:
+    finite = row[np.isfinite(row)]
+    if not len(finite) or finite.max() == finite.min():
         return np.where(np.isnan(row), np.nan, 0.5)
+    lo, hi = finite.min(), finite.max()
     scaled = (row - lo) / (hi - lo)
     return scaled if higher_is_better else 1 - scaled
+
+
+def _settings(summary_df: pd.DataFrame) -> list:
+    return list(pd.unique(summary_df["setting"])) if "setting" in summary_df else [None]
 
 
 def plot_metrics_heatmap(
@@ -225,8 +234,8 @@ def plot_metrics_heatmap(
     metric: str = "gene_correlation",
     metrics: Sequence[str] | None = None,
 ) -> Figure:
-    """Left: metric × model, annotated with values, coloured by rank within each metric (green = best).
-    Right (with per_celltype_df): cell type × model for one ``metric``, coloured the same way per cell type.
+    """Per setting (row of panels), left: metric × model annotated with value and 95 % interval, coloured by rank
+    within each metric (green = best). Right (with per_celltype_df): cell type × model for one ``metric``.
     """
     if "model" not in summary_df:
         raise EvalError(f"summary_df needs a 'model' column; has {listing(summary_df.columns)}")
@@ -234,23 +243,68 @@ def plot_metrics_heatmap(
     unknown = [m for m in metrics if m not in summary_df]
     if unknown:
         raise EvalError(f"metric(s) {listing(unknown)} not in summary_df; has {listing(summary_df.columns)}")
-    models = list(summary_df["model"])
-    values = summary_df.set_index("model")[metrics].T.to_numpy(dtype=np.float64)
-    colours = np.vstack([_best_is_one(v, HIGHER_IS_BETTER.get(m, True)) for v, m in zip(values, metrics)])
+    if per_celltype_df is not None and metric not in per_celltype_df:
+        raise EvalError(f"metric {metric!r} not in per_celltype_df; has {listing(per_celltype_df.columns)}")
+    settings = _settings(summary_df)
     panels = 2 if per_celltype_df is not None else 1
-    fig = Figure(figsize=(1.1 * len(models) * panels + 4, 0.5 * len(metrics) + 2.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, panels))
-    _annotated(axes[0], values, colours, metrics, models, "RdYlGn")
-    axes[0].set_title("metrics (colour: rank among models)")
-    if per_celltype_df is not None:
-        if metric not in per_celltype_df:
-            raise EvalError(f"metric {metric!r} not in per_celltype_df; has {listing(per_celltype_df.columns)}")
-        table = per_celltype_df.pivot_table(index="cell_type", columns="model", values=metric, dropna=False)
-        table = table.reindex(columns=[m for m in models if m in table.columns])
-        order = [c for c in table.index if c != OVERALL] + ([OVERALL] if OVERALL in table.index else [])
-        table = table.loc[order]
-        vals = table.to_numpy(dtype=np.float64)
-        cols = np.vstack([_best_is_one(v, HIGHER_IS_BETTER.get(metric, True)) for v in vals])
-        _annotated(axes[1], vals, cols, list(table.index), list(table.columns), "RdYlGn")
-        axes[1].set_title(f"{metric} per cell type")
+    n_models = summary_df.groupby("setting").size().max() if "setting" in summary_df else len(summary_df)
+    fig = Figure(figsize=(1.25 * n_models * panels + 4, (0.6 * len(metrics) + 2.5) * len(settings)),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(settings), panels, squeeze=False))
+    for r, setting in enumerate(settings):
+        summary = summary_df if setting is None else summary_df[summary_df["setting"] == setting]
+        models = list(summary["model"])
+        table = summary.set_index("model")
+        values = table[metrics].T.to_numpy(dtype=np.float64)
+        bounds = None
+        if all(f"{m}_lo" in table for m in metrics):
+            bounds = tuple(table[[f"{m}_{b}" for m in metrics]].T.to_numpy(dtype=np.float64) for b in ("lo", "hi"))
+        colours = np.vstack([_best_is_one(v, HIGHER_IS_BETTER.get(m, True)) for v, m in zip(values, metrics)])
+        _annotated(axes[r, 0], values, colours, metrics, models, "RdYlGn", bounds)
+        title = "metrics [95 % interval over held-out groups] (colour: rank among models)"
+        axes[r, 0].set_title(title if setting is None else f"{setting}: {title}")
+        if per_celltype_df is not None:
+            per_ct = per_celltype_df if setting is None or "setting" not in per_celltype_df else \
+                per_celltype_df[per_celltype_df["setting"] == setting]
+            pivot = per_ct.pivot_table(index="cell_type", columns="model", values=metric, dropna=False)
+            pivot = pivot.reindex(columns=[m for m in models if m in pivot.columns])
+            order = [c for c in pivot.index if c != OVERALL] + ([OVERALL] if OVERALL in pivot.index else [])
+            pivot = pivot.loc[order]
+            vals = pivot.to_numpy(dtype=np.float64)
+            cols = np.vstack([_best_is_one(v, HIGHER_IS_BETTER.get(metric, True)) for v in vals])
+            _annotated(axes[r, 1], vals, cols, list(pivot.index), list(pivot.columns), "RdYlGn")
+            axes[r, 1].set_title(f"{metric} per cell type")
+    return fig
+
+
+FOREST_METRICS = ("gene_correlation", "emb_gene_correlation", "de_overlap_50", "mse", "cell_distance")
+
+
+def plot_metric_intervals(summary_df: pd.DataFrame, metrics: Sequence[str] | None = None) -> Figure:
+    """Forest plot: per metric, each model's mean over held-out groups with its 95 % bootstrap interval,
+    one colour per setting — overlapping intervals mean the data do not tell the models apart."""
+    metrics = [m for m in (metrics or FOREST_METRICS) if m in summary_df and f"{m}_lo" in summary_df]
+    if not metrics:
+        raise EvalError(f"summary_df has no metric with intervals (<metric>_lo/_hi); has {listing(summary_df.columns)}")
+    settings = _settings(summary_df)
+    models = list(pd.unique(summary_df["model"]))
+    fig = Figure(figsize=(3.3 * len(metrics) + 1.5, 0.42 * len(models) * max(1, len(settings)) + 1.6),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    colours = _colors(len(settings))
+    offsets = np.linspace(-0.2, 0.2, len(settings)) if len(settings) > 1 else [0.0]
+    for ax, metric in zip(axes, metrics):
+        for colour, offset, setting in zip(colours, offsets, settings):
+            table = summary_df if setting is None else summary_df[summary_df["setting"] == setting]
+            table = table.set_index("model").reindex(models)
+            y = np.arange(len(models)) + offset
+            mean, lo, hi = (table[c].to_numpy(dtype=np.float64) for c in (metric, f"{metric}_lo", f"{metric}_hi"))
+            ax.errorbar(mean, y, xerr=[mean - lo, hi - mean], fmt="o", color=colour, ms=4, capsize=2,
+                        label=setting or "held-out groups")
+        better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+        ax.set(title=f"{metric} ({better} is better)", yticks=range(len(models)))
+        ax.set_yticklabels(models)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].legend(loc="lower right", fontsize=8, frameon=False)
     return fig

@@ -14,14 +14,19 @@ How genes are read out (``gene_readout``):
 * ``residual`` (default): each predicted cell's genes = its basal cell's real genes + decoder(predicted) −
   decoder(basal). The decoder's error in a cell type's *level* cancels (it is the same for both terms), only
   its decoding of the *change* remains: a decoder trained on a few cell types decodes a held-out type's level
-  worse than the perturbation's size, and its change well (docs/decisions.md, 2026-11-22). Values may dip
-  slightly below 0 (not clipped: group means stay exact).
+  worse than the perturbation's size, and its change well (docs/decisions.md, 2026-11-22). Values are floored
+  at 0, so the file is valid log-expression (cell-eval refuses negative values).
+
+Which control cells: each (group, time point) draws its basal cells with its own generator, seeded by ``seed``
+and the group's name, so every model with the same ``cell_set_len`` predicts from the same control cells, and
+the baselines (:mod:`stlib.evaluate.baselines`) reuse them: all are scored from identical inputs.
 * ``direct``: decoder(predicted), what ``model.predict_sets`` returns (State's behaviour).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +41,7 @@ from stlib.constants import PREDICTION_UNS_KEY as UNS_KEY
 from stlib.data.datamodule import Group, PerturbationDataModule, draw_rows
 from stlib.data.io import write_h5ad
 from stlib.errors import ConfigError, DataError
-from stlib.evaluate.baselines import train_mean_shifts
+from stlib.evaluate.baselines import TRAIN_GROUPS_KEY, pooled_shifts, train_group_shifts
 from stlib.evaluate.layout import rows
 from stlib.loading import LoadedModel, load_any
 from stlib.models.parameters import base_model
@@ -93,7 +98,7 @@ def _predict_slice(
             decoded = out["genes"].reshape(-1, out["genes"].shape[-1]).float().cpu().numpy()
             if gene_readout == "residual":
                 decoded = _residual_genes(model, store, batch["basal"], basal[sl].ravel(), decoded)
-            genes.append(decoded)
+            genes.append(np.maximum(decoded, 0.0))  # log-expression is >= 0
     n = len(target)
     return np.concatenate(emb)[:n], (np.concatenate(genes)[:n] if genes_out else None), basal.ravel()[:n]
 
@@ -109,6 +114,11 @@ def _residual_genes(model, store, basal_emb: torch.Tensor, basal_rows: np.ndarra
     finally:
         decoder.train(was_training)
     return rows(store.genes, basal_rows).astype(np.float32) + decoded - decoded_basal
+
+
+def slice_rng(seed: int, name: str) -> np.random.Generator:
+    """A generator for one (group, time point): the same draw whatever else is predicted, in whatever order."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -172,20 +182,19 @@ def predict_split(
     obs = dm.adata.obs
     times = obs[d.time_col].to_numpy() if d.time_col else None
     genes_out = loaded.dims.get("gene_dim") is not None and store.genes is not None
-    rng = np.random.default_rng(seed)
-
     emb, genes, target_rows, basal_rows, ids = [], [], [], [], []
     for g in groups:
         for t, target, basal_pool in _time_slices(g, times):
+            name = f"{g.name}@{t}" if t is not None else g.name
             e, x, used = _predict_slice(
-                model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, rng, genes_out,
-                gene_readout,
+                model, store, g.gid, target, basal_pool, cfg.model.cell_set_len, batch_size, slice_rng(seed, name),
+                genes_out, gene_readout,
             )
             emb.append(e)
             genes.append(x)
             target_rows.append(target)
             basal_rows.append(used)
-            ids += [f"{g.name}@{t}" if t is not None else g.name] * len(target)
+            ids += [name] * len(target)
 
     # controls of every predicted cell type, the same real cells in both files
     ct_col = d.cell_type_key
@@ -226,9 +235,11 @@ def predict_split(
         "space": space,
         "gene_readout": gene_readout if genes_out else "",
         "split": split,
-        "train_mean_shift_X": train_mean_shifts(dm, shift_matrix),
-        "train_mean_shift_embedding": train_mean_shifts(dm, store.embed),
     }
+    fits = train_group_shifts(dm, {"X": shift_matrix, "embedding": store.embed})
+    settings |= {"setting": dm.split_config.setting, TRAIN_GROUPS_KEY: fits,
+                 "train_mean_shift_X": pooled_shifts(fits, "X"),
+                 "train_mean_shift_embedding": pooled_shifts(fits, "embedding")}
     var = pd.DataFrame(index=pd.Index(var_names, dtype=str))
     pred = ad.AnnData(X=pred_x.astype(np.float32), obs=pred_obs, var=var.copy())
     real = ad.AnnData(X=real_x.astype(np.float32), obs=new_obs.copy(), var=var.copy())

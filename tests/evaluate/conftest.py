@@ -59,6 +59,11 @@ def _build(cell_types, days, n, seed, space, batch):
         obs = obs.drop(columns="mouse_id")
     mean_effect = np.mean([burn - ctrl for ctrl, burn in centres.values()], axis=0)
     emb = X @ proj
+    keys = sorted(centres)
+    shifts = np.stack([centres[k][1] - centres[k][0] for k in keys])  # the true shift of every (cell type, day)
+    train_groups = {"pert": np.array(["Burn"] * len(keys)), "cell_type": np.array([c for c, _ in keys]),
+                    "time": np.array([str(t) for _, t in keys]),
+                    "X": shifts if space == "gene" else shifts @ proj, "embedding": shifts @ proj}
     uns = {
         "stlib": {
             "model": "real",
@@ -72,6 +77,7 @@ def _build(cell_types, days, n, seed, space, batch):
             "split": "test",
             "train_mean_shift_X": {"Burn": mean_effect if space == "gene" else mean_effect @ proj},
             "train_mean_shift_embedding": {"Burn": mean_effect @ proj},
+            "train_groups": train_groups,
         }
     }
     if space == "gene":

@@ -184,7 +184,13 @@ def test_evaluate_files_adds_baselines_and_writes_csvs(make_pair, tmp_path):
         pred.write_h5ad(tmp_path / f"{kind}_pred.h5ad")
         real.write_h5ad(tmp_path / f"{kind}_real.h5ad")
     summary, per_ct = evaluate_files([tmp_path / "perfect_pred.h5ad", tmp_path / "reversed_pred.h5ad"])
-    assert list(summary["model"]) == ["perfect", "reversed", "control_mean", "mean_shift"]
+    assert list(summary["model"]) == ["perfect", "reversed", "control_mean", "mean_shift", "celltype_time_shift",
+                                      "additive_linear"]
+    for metric in ("gene_correlation", "de_overlap_50", "temporal_coherence"):
+        lo, mean, hi = summary[f"{metric}_lo"], summary[metric], summary[f"{metric}_hi"]
+        assert ((lo <= mean + 1e-12) & (mean <= hi + 1e-12) | (mean.isna() & lo.isna())).all(), metric
+    assert summary["de_overlap_50"].isna().all()  # 30 genes: fewer than the top 50
+
     by_model = summary.set_index("model")
     assert by_model.loc["perfect", "direction_cosine"] == pytest.approx(1.0)
     assert by_model.loc["control_mean", "cell_distance"] == pytest.approx(1.0, abs=1e-6)
@@ -199,6 +205,22 @@ def test_evaluate_files_adds_baselines_and_writes_csvs(make_pair, tmp_path):
     assert pd.read_csv(named[1]).shape == per_ct.shape
     default = write_metrics(summary, per_ct, tmp_path / "res" / "metrics_summary.csv")
     assert [p.name for p in default] == ["metrics_summary.csv", "metrics_per_celltype.csv"]
+
+def test_de_scores_known_answers():
+    from stlib.evaluate.metrics import de_scores
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=200)
+    assert de_scores(real, real) == {"de_overlap_50": 1.0, "de_direction_50": 1.0,
+                                     "de_overlap_100": 1.0, "de_direction_100": 1.0}
+    flipped = de_scores(-real, real)
+    assert flipped["de_overlap_50"] == 1.0 and flipped["de_direction_50"] == 0.0  # right genes, wrong signs
+    top = np.argsort(-np.abs(real))
+    pred = np.zeros(200)
+    pred[top[:25]] = real[top[:25]]  # half of the real top 50, the rest 0
+    pred[top[150:175]] = 10 * real[top[150:175]]  # 25 unrelated genes predicted as the largest changes
+    scores = de_scores(pred, real)
+    assert scores["de_overlap_50"] == 0.5 and scores["de_direction_50"] == 0.5
 
 
 def test_evaluate_files_names_the_missing_real_file(make_pair, tmp_path):
