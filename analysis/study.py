@@ -14,7 +14,7 @@ import numpy as np
 from stlib.config import load_config
 from stlib.data.cellsets import Group
 from stlib.data.datamodule import PerturbationDataModule
-from stlib.evaluate.baselines import train_cell_type_shifts
+from stlib.evaluate.baselines import pooled_shifts, train_group_shifts
 from stlib.evaluate.layout import mean_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,16 +44,16 @@ def group_shift(matrix, group: Group) -> np.ndarray:
 
 
 def train_type_shifts(dm: PerturbationDataModule, matrix) -> dict[str, np.ndarray]:
-    """Training cell type -> its perturbed cells' mean minus its controls' mean; one perturbation (Burn) assumed.
-
-    Their mean is the mean-shift baseline's shift (:func:`stlib.evaluate.baselines.train_mean_shifts`).
-    """
-    by_pert = train_cell_type_shifts(dm, matrix)
-    if len(by_pert) != 1:
+    """Training cell type -> the mean over its time points of its training shifts; one perturbation (Burn) assumed."""
+    groups = train_group_shifts(dm, {"m": matrix})
+    if len(set(groups["pert"])) != 1:
         raise ValueError("train_type_shifts expects exactly one perturbation besides the control")
-    return next(iter(by_pert.values()))
+    return {ct: groups["m"][groups["cell_type"] == ct].mean(axis=0) for ct in np.unique(groups["cell_type"])}
 
 
 def train_mean_shift(dm: PerturbationDataModule, matrix) -> np.ndarray:
-    """[G] the mean-shift baseline's shift: the mean over training cell types of their shifts."""
-    return np.mean(list(train_type_shifts(dm, matrix).values()), axis=0)
+    """[G] the mean-shift baseline's shift: the mean over training groups (cell type x time) of their shifts."""
+    shifts = pooled_shifts(train_group_shifts(dm, {"m": matrix}), "m")
+    if len(shifts) != 1:
+        raise ValueError("train_mean_shift expects exactly one perturbation besides the control")
+    return next(iter(shifts.values()))

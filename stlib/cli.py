@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict held-out perturbed cells -> <name>_pred.h5ad + <name>_real.h5ad")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--checkpoint", default=None, help="checkpoint file name (default final.ckpt, else last.ckpt)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="split to predict (default val: choose settings there; the test split is scored once)")
     p.add_argument("--out-dir", default="results/predictions")
     p.add_argument("--name", default=None, help="model name in file names (default: the run dir's name)")
     p.add_argument("--gene-readout", default="residual", choices=["residual", "direct"],

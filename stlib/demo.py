@@ -1,7 +1,7 @@
 """The whole study on the embedded default, stage by stage — what `make demo` runs.
 
-make-data -> pretrain the base (source domain) -> RNA velocity -> train_all_variants.ipynb (papermill) ->
-compare_results.ipynb (papermill). A stage whose output already exists is skipped (delete it to redo), so
+make-data -> pretrain the base (source domain) -> RNA velocity -> train_all_variants.ipynb (papermill), once per
+setting (unseen cell types, unseen mice) -> compare_results.ipynb (papermill), which scores the test split once. A stage whose output already exists is skipped (delete it to redo), so
 re-running after an interruption continues where it stopped. Each stage's wall time is printed at the end.
 """
 
@@ -20,9 +20,13 @@ RESULTS = Path("results")
 RUNS = RESULTS / "runs"
 EXECUTED = RESULTS / "executed"
 LOGS = Path("logs")
-FIGURES = ("loss_curves_comparison.png", "grad_norm_comparison.png", "umap_comparison_all_models.png",
-           "metrics_heatmap.png")
-TABLES = ("metrics_summary.csv", "metrics_per_celltype.csv", "training_dynamics.csv")
+# setting -> split TOML: the two questions the study answers (docs/protocol.md)
+SETTINGS = {"unseen_cell_type": DATA_DIR / "wound_healing.toml", "unseen_mouse": DATA_DIR / "wound_healing_mice.toml"}
+FIGURES = ("metrics_intervals.png", "metrics_heatmap.png",
+           *(f"{stem}_{setting}.png" for setting in SETTINGS
+             for stem in ("loss_curves_comparison", "grad_norm_comparison", "umap_comparison_all_models")))
+TABLES = ("metrics_summary.csv", "metrics_vs_baselines.csv", "metrics_per_celltype.csv", "metrics_per_group.csv",
+          *(f"training_dynamics_{setting}.csv" for setting in SETTINGS))
 
 
 def _banner(text: str) -> None:
@@ -39,12 +43,12 @@ def _stlib(args: list[str], log: Path) -> None:
         raise RuntimeError(f"`stlib {' '.join(args)}` failed (exit {code}); see {log}:\n" + "\n".join(tail))
 
 
-def execute_notebook(name: str, parameters: dict) -> Path:
+def execute_notebook(name: str, parameters: dict, out_name: str | None = None) -> Path:
     """Run notebooks/<name>.ipynb with papermill into results/executed/ (kept for reading afterwards)."""
     import papermill as pm
 
     EXECUTED.mkdir(parents=True, exist_ok=True)
-    out = EXECUTED / f"{name}.ipynb"
+    out = EXECUTED / f"{out_name or name}.ipynb"
     pm.execute_notebook(f"notebooks/{name}.ipynb", str(out), parameters=parameters, kernel_name="python3",
                         cwd="notebooks", log_output=True, progress_bar=False)
     return out
@@ -66,16 +70,21 @@ def run_demo(max_steps: int | None = None, root: str | Path = ".", seed: int = 0
 
         write_default_data(DATA_DIR, seed=seed)
 
-    stage("make-data", (DATA_DIR / "wound_healing.toml").exists() and (DATA_DIR / "source_perturbations.toml").exists(),
+    stage("make-data", all(p.exists() for p in (*SETTINGS.values(), DATA_DIR / "source_perturbations.toml")),
           make_data)
     stage("pretrain base on the source domain", (RUNS / "base" / "checkpoints" / "final.ckpt").exists(),
           lambda: _stlib(["pretrain", "--config", "configs/pretrain.yaml"], LOGS / "base_pretraining.log"))
     stage("RNA velocity (scvelo) in the model's space", False,
           lambda: _stlib(["velocity", str(DATA_DIR / "wound_healing.h5ad"), "--embed-key", "X_state"],
                          LOGS / "velocity.log"))
-    params = {"run_mode": "sequential"} | ({"max_steps": max_steps} if max_steps else {})
-    stage("train_all_variants.ipynb (papermill)", False, lambda: execute_notebook("train_all_variants", params))
-    stage("compare_results.ipynb (papermill)", False, lambda: execute_notebook("compare_results", {}))
+    for setting, toml in SETTINGS.items():
+        params = {"run_mode": "sequential", "data_toml": str(toml), "output_root": str(RUNS / setting),
+                  "scripts_dir": f"train_scripts/{setting}", "logs_dir": str(LOGS / setting)}
+        params |= {"max_steps": max_steps} if max_steps else {}
+        stage(f"train_all_variants.ipynb, {setting} (papermill)", False,
+              lambda p=params, s=setting: execute_notebook("train_all_variants", p, f"train_all_variants_{s}"))
+    stage("compare_results.ipynb (papermill)", False,
+          lambda: execute_notebook("compare_results", {"settings": list(SETTINGS)}))
 
     _banner("done")
     width = max(len(k) for k in times)

@@ -1,8 +1,10 @@
 """What the two notebooks call: each notebook cell is one of these functions and a display.
 
 `train_all_variants.ipynb`: :func:`training_overrides` -> :func:`stlib.train_scripts.plan_scripts` ->
-:func:`stlib.train_scripts.run_scripts`. `compare_results.ipynb`: :func:`predict_all` -> :func:`evaluate_all` ->
-:func:`load_all_scalars` -> the figure functions, each saving a PNG into `results/`.
+:func:`stlib.train_scripts.run_scripts`. `compare_results.ipynb`: :func:`predict_study` -> :func:`evaluate_study`
+-> :func:`baseline_comparison` -> :func:`load_all_scalars` -> the figure functions, each saving a PNG into
+`results/`. A study has one or more settings (unseen cell types, unseen mice), each trained under
+`results/runs/<setting>/`.
 """
 
 from __future__ import annotations
@@ -58,13 +60,77 @@ def predict_all(variants: Sequence[str], runs_root: str | Path = "results/runs",
             for name, run_dir in found.items()}
 
 
+def predict_study(variants: Sequence[str], settings: Sequence[str], runs_root: str | Path = "results/runs",
+                  out_dir: str | Path = "results/predictions", split: str = "test") -> dict[str, dict[str, Path]]:
+    """:func:`predict_all` for each setting trained under ``<runs_root>/<setting>/``; absent settings are reported."""
+    out = {}
+    for setting in settings:
+        if not (Path(runs_root) / setting).is_dir():
+            print(f"[stlib] setting {setting}: nothing trained under {Path(runs_root) / setting} — not compared")
+            continue
+        out[setting] = predict_all(variants, Path(runs_root) / setting, Path(out_dir) / setting, split)
+    if not any(out.values()):
+        raise ConfigError(f"no trained variant under {runs_root}/<setting>/ for settings {list(settings)}")
+    return out
+
+
+def evaluate_study(preds: dict[str, dict[str, Path]], results_dir: str | Path = "results"
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Every model and baseline of every setting -> (summary with 95 % intervals, per cell type, per group),
+    written as metrics_summary.csv, metrics_per_celltype.csv and metrics_per_group.csv."""
+    from stlib.evaluate.metrics import evaluate_groups, summarise_groups
+
+    groups = pd.concat([evaluate_groups(list(paths.values())).assign(setting=setting)
+                        for setting, paths in preds.items() if paths], ignore_index=True)
+    summary, per_celltype = summarise_groups(groups)
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(results / "metrics_summary.csv", index=False)
+    per_celltype.to_csv(results / "metrics_per_celltype.csv", index=False)
+    groups.to_csv(results / "metrics_per_group.csv", index=False)
+    return summary, per_celltype, groups
+
+
 def evaluate_all(pred_paths: dict[str, Path], results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metrics for every model and the two baselines -> metrics_summary.csv + metrics_per_celltype.csv."""
+    """One setting's models and the baselines -> metrics_summary.csv + metrics_per_celltype.csv."""
     from stlib.evaluate.metrics import evaluate_files, write_metrics
 
     summary, per_celltype = evaluate_files(list(pred_paths.values()))
     write_metrics(summary, per_celltype, Path(results_dir) / "metrics_summary.csv")
     return summary, per_celltype
+
+
+def baseline_comparison(groups: pd.DataFrame, results_dir: str | Path | None = "results",
+                        metrics: Sequence[str] = ("gene_correlation", "emb_gene_correlation", "de_overlap_50",
+                                                  "mse")) -> pd.DataFrame:
+    """Each model against the best baseline of its setting, per metric: paired difference over the held-out
+    groups with its 95 % interval and per-group wins/losses -> metrics_vs_baselines.csv."""
+    from stlib.evaluate.baselines import BASELINES
+    from stlib.evaluate.intervals import paired_difference
+    from stlib.evaluate.metrics import HIGHER_IS_BETTER
+
+    rows = []
+    for setting, table in groups.groupby("setting", sort=False):
+        wide = {m: table.pivot_table(index="group_id", columns="model", values=m, dropna=False)
+                for m in metrics if m in table and table[m].notna().any()}
+        models = [m for m in pd.unique(table["model"]) if m not in BASELINES]
+        for metric, values in wide.items():
+            sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+            present = [b for b in BASELINES if b in values and values[b].notna().any()]
+            if not present:
+                continue
+            best = max(present, key=lambda b: sign * values[b].mean())
+            for model in models:
+                both = values[[model, best]].dropna()  # groups both score (celltype_time_shift may skip some)
+                result = paired_difference(sign * both[model], sign * both[best])
+                rows.append({"setting": setting, "model": model, "metric": metric, "best_baseline": best,
+                             "better_by": result["diff"], "better_by_lo": result["diff_lo"],
+                             "better_by_hi": result["diff_hi"], "wins": result["wins"], "losses": result["losses"],
+                             "n_groups": result["n_groups"]})
+    out = pd.DataFrame(rows)
+    if results_dir is not None:
+        out.to_csv(Path(results_dir) / "metrics_vs_baselines.csv", index=False)
+    return out
 
 
 def load_all_scalars(variants: Sequence[str], runs_root: str | Path = "results/runs") -> dict[str, pd.DataFrame]:
@@ -82,12 +148,14 @@ def load_all_scalars(variants: Sequence[str], runs_root: str | Path = "results/r
 
 
 def training_dynamics_table(variants: Sequence[str], runs_root: str | Path = "results/runs",
-                            results_dir: str | Path = "results") -> pd.DataFrame:
+                            results_dir: str | Path = "results", setting: str | None = None) -> pd.DataFrame:
+    """Loss and gradient-norm statistics per run -> training_dynamics[_<setting>].csv."""
     from stlib.evaluate.tensorboard import training_dynamics
 
     table = training_dynamics({v: Path(runs_root) / v for v in variants if (Path(runs_root) / v).is_dir()})
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(results_dir) / "training_dynamics.csv", index=False)
+    table.to_csv(Path(results_dir) / (f"training_dynamics_{setting}.csv" if setting else "training_dynamics.csv"),
+                 index=False)
     return table
 
 
@@ -98,23 +166,33 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def loss_curves_figure(scalars: dict[str, pd.DataFrame], results_dir: str | Path = "results"):
+def _name(stem: str, setting: str | None) -> str:
+    return f"{stem}_{setting}.png" if setting else f"{stem}.png"
+
+
+def loss_curves_figure(scalars: dict[str, pd.DataFrame], results_dir: str | Path = "results",
+                       setting: str | None = None):
     from stlib.evaluate.plots import plot_loss_curves
 
     fig = plot_loss_curves(scalars)
-    save_figure(fig, Path(results_dir) / "loss_curves_comparison.png")
+    if setting:
+        fig.suptitle(setting)
+    save_figure(fig, Path(results_dir) / _name("loss_curves_comparison", setting))
     return fig
 
 
-def grad_norm_figure(scalars: dict[str, pd.DataFrame], results_dir: str | Path = "results"):
+def grad_norm_figure(scalars: dict[str, pd.DataFrame], results_dir: str | Path = "results",
+                     setting: str | None = None):
     from stlib.evaluate.plots import plot_grad_norms
 
     fig = plot_grad_norms(scalars)
-    save_figure(fig, Path(results_dir) / "grad_norm_comparison.png")
+    if setting:
+        fig.suptitle(setting)
+    save_figure(fig, Path(results_dir) / _name("grad_norm_comparison", setting))
     return fig
 
 
-def umap_figure(pred_paths: dict[str, Path], results_dir: str | Path = "results"):
+def umap_figure(pred_paths: dict[str, Path], results_dir: str | Path = "results", setting: str | None = None):
     """One shared UMAP: real Sham, real Burn and every model's predicted Burn."""
     import anndata as ad
 
@@ -124,7 +202,9 @@ def umap_figure(pred_paths: dict[str, Path], results_dir: str | Path = "results"
     real = ad.read_h5ad(str(first).replace("_pred.h5ad", "_real.h5ad"))
     preds = {name: ad.read_h5ad(path) for name, path in pred_paths.items()}
     fig = plot_umap_comparison(real, preds)
-    save_figure(fig, Path(results_dir) / "umap_comparison_all_models.png")
+    if setting:
+        fig.suptitle(setting)
+    save_figure(fig, Path(results_dir) / _name("umap_comparison_all_models", setting))
     return fig
 
 
@@ -134,4 +214,12 @@ def metrics_heatmap_figure(summary: pd.DataFrame, per_celltype: pd.DataFrame | N
 
     fig = plot_metrics_heatmap(summary, per_celltype)
     save_figure(fig, Path(results_dir) / "metrics_heatmap.png")
+    return fig
+
+
+def metrics_intervals_figure(summary: pd.DataFrame, results_dir: str | Path = "results"):
+    from stlib.evaluate.plots import plot_metric_intervals
+
+    fig = plot_metric_intervals(summary)
+    save_figure(fig, Path(results_dir) / "metrics_intervals.png")
     return fig

@@ -28,7 +28,7 @@ max_steps = 300
 batch_size = 8
 lr = None                                # None: the config's (5e-3 for the CPU demo; the study plan used 5e-5 for 10k steps)
 devices = None                           # None: one GPU if present, else CPU
-output_root = "results/runs"
+output_root = "results/runs/unseen_cell_type"  # results/runs/<setting>: the compare notebook looks there
 seed = 42
 run_mode = "sequential"                  # "sequential" | "scripts_only"
 launcher = "bash"                        # "bash" | "slurm" (writes .sbatch files)
@@ -58,36 +58,49 @@ print(train_scripts.tensorboard_command(specs))"""),
 compare = nb([
     new_markdown_cell("""# Compare results
 
-Predicts the held-out cells with every trained variant (`stlib predict`), evaluates them beside two baselines —
-`control_mean` (no effect) and `mean_shift` (training-set mean Burn−Sham shift added to controls) — and the
-pretrained negative control (`baseline`), then draws loss curves, gradient-norm stability, a shared UMAP of real
-vs predicted cells and metric heatmaps. Figures and CSVs land in `results/`.
+Predicts the held-out cells of the **test split, once**, with every trained variant of every setting — unseen
+cell types (`[zeroshot]`) and unseen mice (`[heldout_batches]`) — and scores them beside the baselines a reviewer
+expects: `control_mean` (no effect), `mean_shift` (pooled training shift), `celltype_time_shift` (the training
+shift of the same cell type and day, where that cell type was seen) and `additive_linear` (cell type + day +
+perturbation effects, least squares on training groups), all predicted from the models' own control cells. The
+pretrained negative control is the `baseline` variant. Every metric comes with a 95 % bootstrap interval over
+held-out groups; settings are chosen on the validation split (`stlib evaluate` on `--split val`), not here.
+Figures and CSVs land in `results/`.
 
 Batch run: `papermill notebooks/compare_results.ipynb results/executed/compare_results.ipynb -k python3`"""),
     params("""variants = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
+settings = ["unseen_cell_type", "unseen_mouse"]   # each trained under <runs_root>/<setting>/
 runs_root = "results/runs"
 results_dir = "results"
 predictions_dir = "results/predictions"
-split = "test\""""),
+split = "test"                                    # scored once per study"""),
     new_code_cell("""%matplotlib inline
 import os
 from stlib import notebook
 
 os.chdir(notebook.find_repo_root())
-pred_paths = notebook.predict_all(variants, runs_root, predictions_dir, split)
-pred_paths"""),
-    new_markdown_cell("## Accuracy on held-out groups (models and baselines)"),
-    new_code_cell("""summary, per_celltype = notebook.evaluate_all(pred_paths, results_dir)
-summary"""),
-    new_code_cell("""per_celltype"""),
+preds = notebook.predict_study(variants, settings, runs_root, predictions_dir, split)
+preds"""),
+    new_markdown_cell("## Accuracy on held-out groups, with 95 % intervals (models and baselines)"),
+    new_code_cell("""summary, per_celltype, per_group = notebook.evaluate_study(preds, results_dir)
+summary[["setting", "model", "n_groups", "gene_correlation", "gene_correlation_lo", "gene_correlation_hi",
+         "emb_gene_correlation", "emb_gene_correlation_lo", "emb_gene_correlation_hi", "de_overlap_50", "mse"]]"""),
+    new_code_cell("""notebook.metrics_intervals_figure(summary, results_dir)"""),
     new_code_cell("""notebook.metrics_heatmap_figure(summary, per_celltype, results_dir)"""),
+    new_markdown_cell("""## Each model against the best baseline
+
+`better_by` > 0 means the model is better (for `mse`: lower); a claim holds only where `better_by_lo` > 0."""),
+    new_code_cell("""notebook.baseline_comparison(per_group, results_dir)"""),
+    new_code_cell("""per_celltype"""),
     new_markdown_cell("## Training dynamics: loss curves and gradient-norm stability"),
-    new_code_cell("""scalars = notebook.load_all_scalars(variants, runs_root)
-notebook.loss_curves_figure(scalars, results_dir)"""),
-    new_code_cell("""notebook.grad_norm_figure(scalars, results_dir)"""),
-    new_code_cell("""notebook.training_dynamics_table(variants, runs_root, results_dir)"""),
-    new_markdown_cell("## Real vs predicted cells: one shared UMAP, one panel per model"),
-    new_code_cell("""notebook.umap_figure(pred_paths, results_dir)"""),
+    new_code_cell("""for setting in preds:
+    scalars = notebook.load_all_scalars(variants, f"{runs_root}/{setting}")
+    display(notebook.loss_curves_figure(scalars, results_dir, setting))
+    display(notebook.grad_norm_figure(scalars, results_dir, setting))
+    display(notebook.training_dynamics_table(variants, f"{runs_root}/{setting}", results_dir, setting))"""),
+    new_markdown_cell("## Real vs predicted cells: one shared UMAP per setting, one panel per model"),
+    new_code_cell("""for setting, paths in preds.items():
+    display(notebook.umap_figure(paths, results_dir, setting))"""),
 ])
 nbf.write(train, "/work/main/notebooks/train_all_variants.ipynb")
 nbf.write(compare, "/work/main/notebooks/compare_results.ipynb")

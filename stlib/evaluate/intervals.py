@@ -38,7 +38,7 @@ def paired_difference(a, b, n_boot: int = N_BOOT, level: float = LEVEL, seed: in
     lo, hi = bootstrap_interval(diff, n_boot, level, seed)
     return {"diff": float(diff.mean()) if len(diff) else float("nan"), "diff_lo": lo, "diff_hi": hi,
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "ties": int((diff == 0).sum()),
-            "n_groups": int(len(diff))}
+            "n_groups": len(diff)}
 
 
 def with_intervals(summary: dict[str, float], groups: pd.DataFrame, metrics, seed: int = 0) -> dict[str, float]:

@@ -159,7 +159,7 @@ def prediction_data(loaded: LoadedModel, cfg: Config, batch_size: int = 16, seed
 
 
 def predict_split(
-    loaded: LoadedModel, cfg: Config, split: str = "test", batch_size: int = 16, seed: int = 0,
+    loaded: LoadedModel, cfg: Config, split: str = "val", batch_size: int = 16, seed: int = 0,
     gene_readout: str = "residual", device: str = "auto", data_cache: dict | None = None,
 ) -> tuple[ad.AnnData, ad.AnnData]:
     """(pred, real) AnnData for every non-control group of `split`, `batch_size` sets at a time on `device`."""
@@ -253,7 +253,7 @@ def predict_split(
 def predict_run(
     run_dir: str | Path,
     checkpoint: str | None = None,
-    split: str = "test",
+    split: str = "val",
     out_dir: str | Path = "results/predictions",
     name: str | None = None,
     data_overrides: Sequence[str] = (),
