@@ -247,7 +247,7 @@ def test_gene_decoder_run_predicts_genes_with_real_names(tiny_study, gene_base, 
     run_dir = gene_base  # pretrained with data.output_space=all on the wound data
     scalars = read_scalars(run_dir)
     assert "train/gene_loss" in set(scalars.tag)
-    pred_path, real_path = predict_run(run_dir, out_dir=tmp_path)
+    pred_path, real_path = predict_run(run_dir, split="test", out_dir=tmp_path)
     pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
     source = ad.read_h5ad(tiny_study / "data" / "wound_healing.h5ad")
     assert list(pred.var_names) == list(real.var_names) == list(source.var_names)  # cell-eval: same genes, order
