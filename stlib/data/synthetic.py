@@ -590,7 +590,12 @@ def write_default_data(
     gp = make_gene_programs(n_genes, seed)
     wound = _simulate_wound(n_cells, gp, seed)
     source = _simulate_source(n_source_cells, gp, seed)
-    pooled = sp.vstack([wound.adata.layers["log1p"], source.adata.layers["log1p"]]).toarray()
+    # The map stands for a pretrained embedding (State's SE): fitted on the source domain and the wound cells that
+    # train in both settings, never on a held-out cell type or mouse (docs/protocol.md).
+    obs = wound.adata.obs
+    seen = ~obs["cell_types_simple_short"].isin(list(ZEROSHOT)).to_numpy() & \
+        ~obs["mouse_id"].isin(list(heldout_mice())).to_numpy()
+    pooled = sp.vstack([wound.adata.layers["log1p"][np.flatnonzero(seen)], source.adata.layers["log1p"]]).toarray()
     emap = fit_embedding_map(pooled, gp.names, embed_dim)
     _attach_embedding(wound, emap)
     _attach_embedding(source, emap)

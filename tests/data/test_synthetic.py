@@ -215,3 +215,15 @@ def test_state_toml_writer_round_trips_fewshot(tmp_path):
 def test_too_few_genes_is_a_clear_error():
     with pytest.raises(ValueError, match="n_genes=50"):
         syn.make_gene_programs(50)
+
+
+def test_embedding_map_never_sees_a_held_out_cell_type_or_mouse(written):
+    wound, source = ad.read_h5ad(written["wound_healing"]), ad.read_h5ad(written["source_perturbations"])
+    emap = syn.load_embedding_map(written["embedding_map"])
+    obs = wound.obs
+    held = obs["cell_types_simple_short"].isin(list(syn.ZEROSHOT)) | obs["mouse_id"].isin(list(syn.heldout_mice()))
+    seen = wound.layers["log1p"][np.flatnonzero(~held.to_numpy())]
+    pooled = np.vstack([seen.toarray(), source.layers["log1p"].toarray()])
+    np.testing.assert_allclose(emap["mean"], pooled.mean(0), rtol=1e-4, atol=1e-5)  # fitted on exactly these cells
+    with_held = np.vstack([wound.layers["log1p"].toarray(), source.layers["log1p"].toarray()]).mean(0)
+    assert np.abs(emap["mean"] - with_held).max() > 1e-3  # and the held-out cells would have changed it
