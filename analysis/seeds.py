@@ -171,7 +171,7 @@ def main() -> None:
         ("Each cell: mean ± standard deviation over seeds [95 % bootstrap interval over held-out groups of the "
          "seed-averaged group scores]; for a model, below: its paired difference to the best baseline of that metric "
          "(positive = better; for mse and cell_distance, lower is better) [interval], and per-group wins–losses. "
-         f"Gene space for the first metrics, emb_* in the embedding. Baselines do not depend on the seed."), "",
+         "Gene space for the first metrics, emb_* in the embedding. Baselines do not depend on the seed."), "",
         *body,
     ])
     out = Path(args.out or REPO / "analysis" / f"seeds_{args.split}.md")

@@ -42,8 +42,13 @@ def _cmd_train(args) -> None:
 
 def _cmd_velocity(args) -> None:
     from stlib.data.velocity import run_velocity
+    from stlib.errors import ConfigError
 
-    out = run_velocity(args.input, embed_key=args.embed_key, out_path=args.out or args.input, force=args.force)
+    if args.all_cells == (args.pert_col is not None or args.control_pert is not None):
+        raise ConfigError("stlib velocity: give --pert-col and --control-pert (velocity from the control cells only, "
+                          "the cells models read it from) or --all-cells (every cell shapes it, held-out ones included)")
+    out = run_velocity(args.input, embed_key=args.embed_key, out_path=args.out or args.input, force=args.force,
+                       pert_col=args.pert_col, control_pert=args.control_pert, n_jobs=args.n_jobs)
     print(f"[stlib] velocity in obsm['velocity_{args.embed_key}'] and obs['velocity_confidence']: {out}")
 
 
@@ -122,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-key", default="X_state", help="obsm key of the model's space")
     p.add_argument("--out", default=None, help="output .h5ad (default: update the input file)")
     p.add_argument("--force", action="store_true", help="recompute even if cached")
+    p.add_argument("--pert-col", default=None, help="obs column naming perturbations (data.pert_col)")
+    p.add_argument("--control-pert", default=None, help="its value for control cells (data.control_pert): "
+                   "velocity is computed from these cells only")
+    p.add_argument("--all-cells", action="store_true", help="compute from every cell instead (held-out ones too)")
+    p.add_argument("--n-jobs", type=int, default=1, help="processes for scvelo's velocity graph")
     p.set_defaults(func=_cmd_velocity)
 
     p = sub.add_parser("predict", help="predict held-out perturbed cells -> <name>_pred.h5ad + <name>_real.h5ad")

@@ -75,7 +75,8 @@ def run_demo(max_steps: int | None = None, root: str | Path = ".", seed: int = 0
     stage("pretrain base on the source domain", (RUNS / "base" / "checkpoints" / "final.ckpt").exists(),
           lambda: _stlib(["pretrain", "--config", "configs/pretrain.yaml"], LOGS / "base_pretraining.log"))
     stage("RNA velocity (scvelo) in the model's space", False,
-          lambda: _stlib(["velocity", str(DATA_DIR / "wound_healing.h5ad"), "--embed-key", "X_state"],
+          lambda: _stlib(["velocity", str(DATA_DIR / "wound_healing.h5ad"), "--embed-key", "X_state",
+                          "--pert-col", "condition", "--control-pert", "Sham"],
                          LOGS / "velocity.log"))
     for setting, toml in SETTINGS.items():
         params = {"run_mode": "sequential", "data_toml": str(toml), "output_root": str(RUNS / setting),

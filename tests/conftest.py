@@ -54,5 +54,5 @@ def velocity_data(tiny_study) -> Path:
     from stlib.data.velocity import run_velocity
 
     path = tiny_study / "data" / "wound_healing.h5ad"
-    run_velocity(path, embed_key="X_state", out_path=path)
+    run_velocity(path, embed_key="X_state", out_path=path, pert_col="condition", control_pert="Sham")
     return tiny_study

@@ -30,6 +30,12 @@ def test_missing_data_file_is_named(tmp_path, capsys):
     assert code == 2 and "missing.h5ad" in err and "Traceback" not in err
 
 
+def test_velocity_asks_which_cells_are_controls(tmp_path, capsys):
+    code = main(["velocity", str(tmp_path / "any.h5ad"), "--embed-key", "X_state"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--pert-col and --control-pert" in err[0] and "--all-cells" in err[0]
+
+
 @pytest.mark.slow  # a subprocess: python, torch and lightning start afresh
 def test_debug_shows_the_traceback():
     done = subprocess.run([sys.executable, "-m", "stlib", "--debug", "train", "--config",

@@ -4,7 +4,11 @@ Why: the velocity-alignment loss compares each predicted shift (pred - basal, in
 the cell's RNA velocity in that same space, weighted by how much scvelo trusts it.
 
 ``compute_velocity`` runs scvelo on ``layers["spliced"/"unspliced"]`` of a *copy* (scvelo's
-``filter_and_normalize`` rewrites X and both layers and drops genes), then writes back into the input only:
+``filter_and_normalize`` rewrites X and both layers and drops genes), then writes back into the input only.
+Given ``pert_col`` and ``control_pert`` it uses the control cells only — the only cells whose velocity a model
+reads (basal cells, in the loss and at prediction) — so no perturbed cell, held-out or not, shapes the field:
+gene filtering, normalisation, PCA, neighbours, moments and the velocity graph all see controls alone, and every
+other cell gets velocity 0 and confidence 0. Written:
 
 * ``obsm["velocity_<embed_key>"]`` [N, D] — scvelo's ``velocity_embedding``: for each cell the
   transition-probability-weighted mean of unit displacement vectors to its neighbours in the embedding,
@@ -14,7 +18,8 @@ the cell's RNA velocity in that same space, weighted by how much scvelo trusts i
   is meaningless here. The scale is arbitrary; the loss only uses directions.
 * ``obs["velocity_confidence"]`` in [0, 1] — scvelo's coherence of a cell's velocity with its
   neighbours' (a correlation in [-1, 1]), clipped at 0; NaN -> 0.
-* ``uns["stlib_velocity"]`` = {embed_key, version, mode, n_neighbors, n_pcs} — read by the cache.
+* ``uns["stlib_velocity"]`` = {embed_key, version, mode, n_neighbors, n_pcs, pert_col, control_pert} — read by
+  the cache.
 
 X, layers, obs and var of the input are left as they were. The neighbour graph is scvelo's usual one
 (PCA of the normalised, log1p spliced counts, 30 neighbours), built with scanpy's exact sklearn kNN so no
@@ -43,9 +48,9 @@ from stlib.constants import VELOCITY_CONFIDENCE_KEY as CONFIDENCE_KEY
 from stlib.constants import VELOCITY_UNS_KEY as UNS_KEY
 from stlib.constants import velocity_key
 from stlib.data.io import write_h5ad
-from stlib.errors import DataError
+from stlib.errors import DataError, listing
 
-PIPELINE_VERSION = "1"  # bump when the computation changes: invalidates cached files
+PIPELINE_VERSION = "2"  # bump when the computation changes: invalidates cached files
 _TMP_BASIS = "stlib_velocity_basis"
 
 
@@ -98,6 +103,22 @@ def _check(adata: ad.AnnData, embed_key: str, mode: str) -> None:
         raise VelocityError(f"mode={mode!r} is not one of {', '.join(VELOCITY_MODES)}")
 
 
+def _control_rows(adata: ad.AnnData, pert_col: str | None, control_pert: str | None) -> np.ndarray | None:
+    """Rows of the control cells, or None (every cell) when neither is given."""
+    if pert_col is None and control_pert is None:
+        return None
+    if not pert_col or control_pert is None:
+        raise VelocityError("give both pert_col and control_pert (--pert-col, --control-pert), or neither")
+    if pert_col not in adata.obs:
+        raise VelocityError(f"--pert-col {pert_col!r} is not an obs column; obs columns: {listing(adata.obs.columns)}")
+    values = adata.obs[pert_col].astype(str).to_numpy()
+    rows = np.flatnonzero(values == str(control_pert))
+    if len(rows) < 3:
+        raise VelocityError(f"--control-pert {control_pert!r} marks {len(rows)} cell(s) in obs[{pert_col!r}]; values "
+                            f"there: {listing(set(values))}")
+    return rows
+
+
 def _coordinates(adata: ad.AnnData, embed_key: str) -> np.ndarray:
     x = adata.X if embed_key == "X" else adata.obsm[embed_key]
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
@@ -112,22 +133,27 @@ def compute_velocity(
     mode: str = "stochastic",
     min_shared_counts: int = 20,
     n_jobs: int = 1,
+    pert_col: str | None = None,
+    control_pert: str | None = None,
 ) -> ad.AnnData:
     """scvelo velocity projected into obsm[embed_key]; adds obsm/obs/uns keys in place and returns adata.
 
+    pert_col / control_pert: compute from the control cells only (the others get 0); None for both: every cell.
     n_jobs: loky processes for scvelo's velocity graph, the slowest step; identical results. Each process pays
     a start-up cost, so more than one pays off on many-core nodes only."""
     _check(adata, embed_key, mode)
+    rows = _control_rows(adata, pert_col, control_pert)
     import scanpy as sc
 
+    source = adata if rows is None else adata[rows]
     work = ad.AnnData(
-        X=adata.layers["spliced"].astype(np.float32),
-        layers={k: adata.layers[k].astype(np.float32) for k in ("spliced", "unspliced")},
-        obs=adata.obs[[]].copy(),
-        var=adata.var[[]].copy(),
+        X=source.layers["spliced"].astype(np.float32),
+        layers={k: source.layers[k].astype(np.float32) for k in ("spliced", "unspliced")},
+        obs=source.obs[[]].copy(),
+        var=source.var[[]].copy(),
     )
     basis = embed_key[2:] if embed_key.startswith("X_") and embed_key != "X_" else _TMP_BASIS
-    work.obsm[f"X_{basis}"] = _coordinates(adata, embed_key)
+    work.obsm[f"X_{basis}"] = _coordinates(source, embed_key)
     pcs = min(n_pcs, work.n_vars - 1, work.n_obs - 1)
     with _quiet_scvelo() as scv:
         # float layers would read as "already normalised" to scvelo: name them to force normalisation
@@ -149,15 +175,21 @@ def compute_velocity(
         scv.tl.velocity_confidence(work)
         scv.tl.velocity_embedding(work, basis=basis, autoscale=False)
     v = np.nan_to_num(np.asarray(work.obsm[f"velocity_{basis}"], dtype=np.float32))
-    conf = np.nan_to_num(np.asarray(work.obs[CONFIDENCE_KEY], dtype=np.float32), nan=0.0)
+    conf = np.clip(np.nan_to_num(np.asarray(work.obs[CONFIDENCE_KEY], dtype=np.float32), nan=0.0), 0.0, 1.0)
+    if rows is not None:  # non-control cells: no velocity, no weight
+        v_all, conf_all = np.zeros((adata.n_obs, v.shape[1]), np.float32), np.zeros(adata.n_obs, np.float32)
+        v_all[rows], conf_all[rows] = v, conf
+        v, conf = v_all, conf_all
     adata.obsm[velocity_key(embed_key)] = v
-    adata.obs[CONFIDENCE_KEY] = np.clip(conf, 0.0, 1.0)
+    adata.obs[CONFIDENCE_KEY] = conf
     adata.uns[UNS_KEY] = {
         "embed_key": embed_key,
         "version": _version(),
         "mode": mode,
         "n_neighbors": n_neighbors,
         "n_pcs": n_pcs,
+        "pert_col": pert_col or "",
+        "control_pert": "" if control_pert is None else str(control_pert),
     }
     return adata
 
@@ -208,6 +240,8 @@ def run_velocity(
     min_shared_counts: int = 20,
     n_jobs: int = 1,
     force: bool = False,
+    pert_col: str | None = None,
+    control_pert: str | None = None,
 ) -> Path:
     """Read an h5ad, add velocity (compute_velocity's keys), write it; reuse a cached output when valid.
 
@@ -217,11 +251,12 @@ def run_velocity(
     if not in_path.exists():
         raise VelocityError(f"input file not found: {in_path}")
     out_path = Path(out_path) if out_path is not None else default_output_path(in_path)
-    params = {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs}
+    params = {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs,
+              "pert_col": pert_col or "", "control_pert": "" if control_pert is None else str(control_pert)}
     if not force and is_cached(in_path, out_path, params):
         return out_path
     adata = ad.read_h5ad(in_path)
-    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs)
+    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, pert_col, control_pert)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     write_h5ad(adata, tmp)

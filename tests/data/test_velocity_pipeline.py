@@ -119,3 +119,29 @@ def test_run_velocity_in_place(small, tmp_path):
     back = ad.read_h5ad(path)
     assert "velocity_X_state" in back.obsm and (back.X != small.X).nnz == 0
     assert vel.is_cached(path, path, dict(back.uns["stlib_velocity"]))
+
+
+@SCVELO
+def test_control_velocity_does_not_depend_on_the_perturbed_cells(small):
+    """No perturbed (held-out or not) cell shapes the velocity the models read: the controls' is the same without them."""
+    sham = (small.obs["condition"] == "Sham").to_numpy()
+    full = vel.compute_velocity(small.copy(), "X_state", n_neighbors=15, n_pcs=10, pert_col="condition",
+                                control_pert="Sham")
+    alone = vel.compute_velocity(small[sham].copy(), "X_state", n_neighbors=15, n_pcs=10, pert_col="condition",
+                                 control_pert="Sham")
+    v_full, v_alone = full.obsm["velocity_X_state"], alone.obsm["velocity_X_state"]
+    np.testing.assert_allclose(v_full[sham], v_alone, atol=1e-5)
+    np.testing.assert_allclose(full.obs["velocity_confidence"].to_numpy()[sham],
+                               alone.obs["velocity_confidence"].to_numpy(), atol=1e-5)
+    assert np.abs(v_full[sham]).max() > 0
+    assert not v_full[~sham].any() and not full.obs["velocity_confidence"].to_numpy()[~sham].any()
+    assert full.uns["stlib_velocity"]["control_pert"] == "Sham"
+
+
+def test_control_selection_errors_name_the_flag(raw):
+    with pytest.raises(vel.VelocityError, match=r"--pert-col 'treatment' is not an obs column.*'condition'"):
+        vel.compute_velocity(raw[:50].copy(), pert_col="treatment", control_pert="Sham")
+    with pytest.raises(vel.VelocityError, match=r"--control-pert 'PBS' marks 0 cell\(s\).*'Burn', 'Sham'"):
+        vel.compute_velocity(raw.copy(), pert_col="condition", control_pert="PBS")
+    with pytest.raises(vel.VelocityError, match="both pert_col and control_pert"):
+        vel.compute_velocity(raw[:50].copy(), pert_col="condition")
