@@ -9,9 +9,11 @@ aside, never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -139,17 +141,48 @@ def _move_aside(run_dir: Path) -> Path:
     return target
 
 
+INTERRUPTED = 130  # exit code of a command stopped by SIGINT (training stops cleanly and keeps last.ckpt)
+
+
 def run_teed(command: str, log: Path, cwd: str | Path = ".", stream=sys.stdout) -> tuple[int, list[str]]:
-    """`command 2>&1 | tee log` with pipefail, streaming each line to `stream`; (exit code, last lines)."""
+    """`command 2>&1 | tee -a log` with pipefail, streaming each line to `stream` as it comes; (exit code, last lines).
+
+    KeyboardInterrupt (Ctrl-C, a notebook's interrupt button) is passed to the command as SIGINT — training then
+    finishes its step and writes last.ckpt — waited for, and re-raised; the log keeps everything up to there.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:  # appended: a resumed run's log follows the interrupted one's
+        fh.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
     tail: deque[str] = deque(maxlen=15)
-    proc = subprocess.Popen(["bash", "-c", f"set -o pipefail; {command} 2>&1 | tee {shlex.quote(str(log))}"],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        tail.append(line.rstrip("\r\n").split("\r")[-1])
-        stream.write(line)
-        stream.flush()
+    # tee -i: the interrupt stops the command, not the log; own process group: the signal reaches the whole pipe
+    proc = subprocess.Popen(["bash", "-c", f"set -o pipefail; {command} 2>&1 | tee -a -i {shlex.quote(str(log))}"],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            tail.append(line.rstrip("\r\n").split("\r")[-1])
+            stream.write(line)
+            stream.flush()
+    except KeyboardInterrupt:
+        _stop(proc, stream)
+        raise
     return proc.wait(), list(tail)
+
+
+def _stop(proc: subprocess.Popen, stream, grace_s: float = 120.0) -> None:
+    """SIGINT to the command's process group, its last lines shown, SIGKILL only if it has not ended in grace_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.time() + grace_s
+    for line in proc.stdout:  # type: ignore[union-attr]
+        stream.write(line)
+        if time.time() > deadline:
+            break
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def run_scripts(specs: Sequence[ScriptSpec], root: str | Path = ".", overwrite: bool = False,
@@ -167,10 +200,17 @@ def run_scripts(specs: Sequence[ScriptSpec], root: str | Path = ".", overwrite: 
             print(f"== {spec.variant}: moved the old run to {_move_aside(run_dir)}", file=stream)
         print(f"== {spec.variant}: bash {spec.path} 2>&1 | tee {spec.log}", file=stream, flush=True)
         started = time.time()
-        code, tail = run_teed(f"bash {shlex.quote(str(spec.path))}", root / spec.log, cwd=root, stream=stream)
-        status = "completed" if code == 0 else "failed"
+        try:
+            code, tail = run_teed(f"bash {shlex.quote(str(spec.path))}", root / spec.log, cwd=root, stream=stream)
+        except KeyboardInterrupt:
+            print(f"== {spec.variant}: interrupted; its checkpoints and log are kept — run again to resume",
+                  file=stream, flush=True)
+            raise
+        status = "completed" if code == 0 else "interrupted" if code == INTERRUPTED else "failed"
         row = status_row(spec, root, status, wall_time=time.time() - started)
-        if code:
+        if code == INTERRUPTED:
+            print(f"== {spec.variant}: interrupted; run again to resume from its last.ckpt", file=stream)
+        elif code:
             row["error"] = "\n".join(tail)
             print(f"== {spec.variant}: FAILED (exit {code}); log {spec.log}; last lines:\n" + "\n".join(tail),
                   file=stream)

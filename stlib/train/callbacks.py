@@ -1,4 +1,4 @@
-"""Callbacks: plain-line progress that reads well through `tee`, and weight averaging at the end of a run.
+"""Callbacks: plain-line progress that reads well through `tee`, a clean stop on Ctrl-C, weight averaging.
 
 The tqdm bar redraws one line with carriage returns, which a log file or a notebook cell shows as one
 unreadable line; LineProgress prints a short line every few percent of the run instead.
@@ -6,7 +6,10 @@ unreadable line; LineProgress prints a short line every few percent of the run i
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -40,6 +43,39 @@ class LineProgress(L.Callback):
         remaining = (trainer.max_steps - step) / max(rate, 1e-9)
         parts.append(f"eta {remaining:.0f}s")
         print("[stlib] " + "  ".join(parts), flush=True)
+
+
+class GracefulStop(L.Callback):
+    """SIGINT / SIGTERM (Ctrl-C, a notebook's interrupt, `kill`): finish the step, write ``last.ckpt``, stop.
+
+    Lightning's own handling raises out of the step at once, so the progress since the last step checkpoint is
+    lost and the run is marked failed; here the run stops between steps, resumable from exactly where it stopped.
+    A second signal while stopping is ignored.
+    """
+
+    def __init__(self, last_checkpoint: Path):
+        self.last_checkpoint = Path(last_checkpoint)
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _request(self, signum, frame) -> None:
+        if self.requested is None:
+            print(f"[stlib] {signal.Signals(signum).name}: stopping after this step; last.ckpt keeps the run", flush=True)
+        self.requested = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # after Lightning's handlers: ours win
+            self._previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.requested is not None and not trainer.should_stop:
+            trainer.save_checkpoint(self.last_checkpoint)
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 class WeightAverage(L.Callback):

@@ -147,7 +147,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from stlib.train.callbacks import LineProgress, WeightAverage
+    from stlib.train.callbacks import GracefulStop, LineProgress, WeightAverage
     from stlib.train.module import STLightningModule
 
     tcfg = cfg.training
@@ -193,7 +193,8 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
                                  every_n_train_steps=tcfg.steps(tcfg.ckpt_every_n_steps), save_last=True,
                                  save_top_k=tcfg.keep_checkpoints, monitor="step", mode="max")
     accelerator, devices = _resolve_devices(tcfg)
-    callbacks = [checkpoint, LineProgress(), *extra_callbacks]
+    stopper = GracefulStop(ckpt_dir / LAST_CHECKPOINT)
+    callbacks = [checkpoint, LineProgress(), stopper, *extra_callbacks]
     if tcfg.average_weights_from is not None:
         callbacks.append(WeightAverage(int(tcfg.average_weights_from * tcfg.max_steps)))
     bar = tcfg.progress_bar and sys.stdout.isatty()  # a bar redrawn into a log file or notebook is noise
@@ -214,6 +215,12 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
         if main_process:
             _write_summary(run_dir, "failed", trainer.global_step, started)
         raise
+    if stopper.requested is not None:
+        if main_process:
+            _write_summary(run_dir, "interrupted", trainer.global_step, started)
+            print(f"[stlib] interrupted at step {trainer.global_step}: {ckpt_dir / LAST_CHECKPOINT} written; run the "
+                  "same command again to resume", flush=True)
+        raise SystemExit(130)  # the shell's code for an interrupted command
     # every process calls it, the main one writes; no optimizer state: a finished run resumes from last.ckpt
     trainer.save_checkpoint(ckpt_dir / FINAL_CHECKPOINT, weights_only=True)
     if not main_process:
