@@ -7,7 +7,8 @@ STEPS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stlib-installed
 
-.PHONY: setup demo test test-fast bench lint clean-results
+.PHONY: setup demo test test-fast test-browser lab bench lint clean-results
+LAB_PORT ?= 8888
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e ".[dev]"
 	$(BIN)/python -c "from stlib.adapters.mhc_kernels import compile_kernels; compile_kernels()"  # mHC CPU kernels, ~20 s once
+	# the project's Jupyter kernel, inside the venv: the notebooks name it, so they open on this interpreter
+	$(BIN)/python -m ipykernel install --sys-prefix --name stlib --display-name "Python (stlib)"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +34,18 @@ test: setup
 # The unit tests alone (< 30 s): no training, subprocess, notebook or UMAP (pytest -m "not slow"; see tests/conftest.py).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# JupyterLab at the repository root on the project's venv and kernel; it prints the URL (with its token) to open.
+lab: setup
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
+	  $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/train_all_variants.ipynb
+
+# Both notebooks, executed on a tiny study, opened in JupyterLab in headless Chromium (Debian's chromium and
+# chromium-driver, installed here if missing); screenshots land in docs/figures/.
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver))
+	$(BIN)/python -m pytest -q tests/test_browser.py
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -173,7 +173,7 @@ class VelocityConfig:
     # move each predicted cell along its basal cell's velocity by a learned gain per perturbation (zero at start);
     # needs velocity for training and prediction (`stlib velocity`)
     displacement: bool = False
-    gain_lr_scale: float = 20.0  # the gains' learning rate = training.lr x this (a gain travels far; see docs/)
+    gain_lr_scale: float = 1.0  # the gains' learning rate = training.lr x this (1: chosen on validation, analysis/selection.md)
 
     def __post_init__(self):
         if self.loss_weight < 0:

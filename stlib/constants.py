@@ -39,3 +39,6 @@ TENSORBOARD_DIR = "tensorboard"
 BASE_FILE = "base.json"  # a lean fine-tune's base: path, checkpoint and content hash
 LEAN_KEY = "stlib_lean"  # set in a checkpoint that holds only what trained (its base is named in base.json)
 STANDALONE_KEY = "stlib"  # in an exported checkpoint: the config, sizes and maps needed to rebuild it
+
+# Jupyter kernel `make setup` registers in the venv; both notebooks name it (papermill: -k stlib)
+KERNEL_NAME = "stlib"

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from stlib.notebook import find_repo_root
+from stlib.constants import KERNEL_NAME
+from stlib.notebook import export_html, find_repo_root
 
 DATA_DIR = Path("data")
 RESULTS = Path("results")
@@ -49,7 +50,7 @@ def execute_notebook(name: str, parameters: dict, out_name: str | None = None) -
 
     EXECUTED.mkdir(parents=True, exist_ok=True)
     out = EXECUTED / f"{out_name or name}.ipynb"
-    pm.execute_notebook(f"notebooks/{name}.ipynb", str(out), parameters=parameters, kernel_name="python3",
+    pm.execute_notebook(f"notebooks/{name}.ipynb", str(out), parameters=parameters, kernel_name=KERNEL_NAME,
                         cwd="notebooks", log_output=True, progress_bar=False)
     return out
 
@@ -85,7 +86,8 @@ def run_demo(max_steps: int | None = None, root: str | Path = ".", seed: int = 0
         stage(f"train_all_variants.ipynb, {setting} (papermill)", False,
               lambda p=params, s=setting: execute_notebook("train_all_variants", p, f"train_all_variants_{s}"))
     stage("compare_results.ipynb (papermill)", False,
-          lambda: execute_notebook("compare_results", {"settings": list(SETTINGS)}))
+          lambda: export_html(execute_notebook("compare_results", {"settings": list(SETTINGS)}),
+                              RESULTS / "compare_results.html"))
 
     _banner("done")
     width = max(len(k) for k in times)
@@ -94,5 +96,6 @@ def run_demo(max_steps: int | None = None, root: str | Path = ".", seed: int = 0
     print(f"  {'total':<{width}}  {sum(times.values()):7.1f} s")
     print("\nFigures:  " + "\n          ".join(str(RESULTS / f) for f in FIGURES if (RESULTS / f).exists()))
     print("Tables:   " + "\n          ".join(str(RESULTS / f) for f in TABLES if (RESULTS / f).exists()))
+    print(f"Report:   {RESULTS / 'compare_results.html'} (open in a browser)")
     print(f"Notebooks executed: {EXECUTED}/   Logs: {LOGS}/   TensorBoard: tensorboard --logdir {RUNS}")
     return times

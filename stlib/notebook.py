@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pandas as pd
 from stlib.errors import ConfigError
 
 MARKER = Path("configs") / "variants"
+# tqdm.auto (imported by scanpy's dependencies) asks for ipywidgets in every kernel; its bars are not ours
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 def find_repo_root(start: str | Path | None = None) -> Path:
@@ -223,3 +226,16 @@ def metrics_intervals_figure(summary: pd.DataFrame, results_dir: str | Path = "r
     fig = plot_metric_intervals(summary)
     save_figure(fig, Path(results_dir) / "metrics_intervals.png")
     return fig
+
+
+def export_html(executed: str | Path, out: str | Path) -> Path:
+    """An executed notebook as a self-contained HTML report (figures embedded, code hidden) for collaborators."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(body, encoding="utf-8")
+    return out

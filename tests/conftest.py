@@ -11,7 +11,7 @@ import stlib  # noqa: F401
 
 import pytest
 import torch
-from runs import finetuned, gene_base  # noqa: F401  (session-scoped trained runs, see tests/runs.py)
+from runs import executed_notebooks, finetuned, gene_base  # noqa: F401  (session-scoped trained runs, see tests/runs.py)
 from stlib_testing import REPO, tiny_overrides
 
 # Tiny models gain nothing from threads, and two threads stall badly when the other core is busy; the variable
@@ -19,7 +19,7 @@ from stlib_testing import REPO, tiny_overrides
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TRAINED = {"tiny_study", "tiny_base", "velocity_data", "finetuned", "gene_base"}
+TRAINED = {"tiny_study", "tiny_base", "velocity_data", "finetuned", "gene_base", "executed_notebooks"}
 
 
 def pytest_collection_modifyitems(config, items):

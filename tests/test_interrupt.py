@@ -33,7 +33,8 @@ def test_interrupt_stops_cleanly_and_running_again_resumes(tiny_study, tiny_base
     with pytest.raises(KeyboardInterrupt):
         run_scripts(specs, root=REPO, stream=cell)
     run_dir = runs / "st_lora"
-    assert not subprocess.run(["pgrep", "-f", str(specs[0].path)], capture_output=True).stdout  # no child left
+    pgrep = subprocess.run(["pgrep", "-f", str(specs[0].path)], check=False, capture_output=True)
+    assert not pgrep.stdout  # no child left
     assert json.loads((run_dir / "run_summary.json").read_text())["status"] == "interrupted"
     assert status_table(specs, root=REPO)["status"].tolist() == ["interrupted"]
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / "checkpoints" / "final.ckpt").exists()

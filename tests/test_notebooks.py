@@ -5,38 +5,18 @@ import json
 import pandas as pd
 import pytest
 from PIL import Image
-from stlib_testing import REPO, TINY_TRAINING
+from stlib_testing import REPO
 
 
 @pytest.mark.slow
-def test_both_notebooks_run_under_papermill(velocity_data, tiny_base, tmp_path):
-    import papermill as pm
-
-    study = velocity_data
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    # the untrained baseline (no TensorBoard events) and the variant with every part (LoRA, mHC, velocity): each code
-    # path of both notebooks; plain st_lora's script and run are tested in test_workflow.py and tests/train/
-    variants = ["baseline", "st_lora_mhc_velocity"]
-    # unseen cell types trains both; unseen mice only the (untrained) baseline: the compare notebook's two settings
-    for setting, toml, trained in (("unseen_cell_type", "wound_healing.toml", variants),
-                                   ("unseen_mouse", "wound_healing_mice.toml", ["baseline"])):
-        pm.execute_notebook(
-            str(REPO / "notebooks" / "train_all_variants.ipynb"), str(tmp_path / f"train_{setting}.ipynb"),
-            kernel_name="python3", cwd=str(REPO / "notebooks"), progress_bar=False,
-            parameters={"data_toml": str(study / "data" / toml), "base_checkpoint": str(tiny_base),
-                        "variants": trained, "max_steps": 4, "output_root": str(runs / setting),
-                        "scripts_dir": str(tmp_path / "ts" / setting), "logs_dir": str(tmp_path / "logs" / setting),
-                        "extra_overrides": ["model.cell_set_len=8", "model.velocity_warmup_steps=2", *TINY_TRAINING]},
-        )
+@pytest.mark.xdist_group("notebooks")  # with -n: the browser test reads the same executed notebooks
+def test_both_notebooks_run_under_papermill(executed_notebooks):
+    runs, results, variants = (executed_notebooks[k] for k in ("runs", "results", "variants"))
+    tmp_path = executed_notebooks["root"]
+    for setting, trained in (("unseen_cell_type", variants), ("unseen_mouse", ["baseline"])):
         for variant in trained:
             assert (runs / setting / variant / "checkpoints" / "final.ckpt").exists(), variant
             assert (tmp_path / "logs" / setting / f"{variant}_training.log").stat().st_size > 0
-    pm.execute_notebook(
-        str(REPO / "notebooks" / "compare_results.ipynb"), str(tmp_path / "compare_executed.ipynb"),
-        kernel_name="python3", cwd=str(REPO / "notebooks"), progress_bar=False,
-        parameters={"variants": variants, "runs_root": str(runs), "results_dir": str(results),
-                    "predictions_dir": str(results / "predictions")},
-    )
     for png in ("loss_curves_comparison_unseen_cell_type.png", "grad_norm_comparison_unseen_cell_type.png",
                 "umap_comparison_all_models_unseen_cell_type.png", "umap_comparison_all_models_unseen_mouse.png",
                 "metrics_heatmap.png", "metrics_intervals.png"):
@@ -51,9 +31,13 @@ def test_both_notebooks_run_under_papermill(velocity_data, tiny_base, tmp_path):
     versus = pd.read_csv(results / "metrics_vs_baselines.csv")
     assert set(versus["model"]) == set(variants) and (versus["better_by_lo"] <= versus["better_by_hi"]).all()
     assert len(pd.read_csv(results / "training_dynamics_unseen_cell_type.csv")) == len(variants)
-    executed = json.loads((tmp_path / "compare_executed.ipynb").read_text())
+    executed = json.loads(executed_notebooks["compare"].read_text())
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # the figures are shown in the notebook, not only saved
+    assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    html = executed_notebooks["html"].read_text()
+    assert html.count("data:image/png;base64") >= 5 and "Traceback" not in html  # figures embedded, no errors
+    assert "notebook.evaluate_study" not in html  # code hidden: a report, not a program
 
 
 @pytest.mark.parametrize("notebook", ["train_all_variants.ipynb", "compare_results.ipynb"])

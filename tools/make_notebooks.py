@@ -1,10 +1,16 @@
+"""Writes both notebooks (python tools/make_notebooks.py): they are generated, so edit here, not in the .ipynb."""
+from pathlib import Path
+
 import nbformat as nbf
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def nb(cells):
     n = new_notebook(cells=cells)
-    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    # the project's kernel (make setup registers it in the venv): the notebook opens on the venv's interpreter
+    n.metadata["kernelspec"] = {"name": "stlib", "display_name": "Python (stlib)", "language": "python"}
     n.metadata["language_info"] = {"name": "python"}
     return n
 
@@ -19,7 +25,11 @@ them one after another, each through `tee` into `logs/<variant>_training.log`, a
 With `run_mode = "scripts_only"` it only writes the scripts and prints the commands (for several GPUs, SLURM,
 or a terminal). Training happens in the scripts, not in this kernel; all logic lives in `stlib`.
 
-Batch run: `papermill notebooks/train_all_variants.ipynb results/executed/train_all_variants.ipynb -k python3 -p max_steps 300`"""),
+Each variant's log streams into the cell as it trains (a line every 5 % of the run). **Interrupt the kernel** to
+stop: the running variant finishes its step, writes `last.ckpt` and is marked `interrupted`; run the cell again to
+resume it where it stopped. Set `show_tensorboard = True` to watch the runs in TensorBoard below.
+
+Batch run: `papermill notebooks/train_all_variants.ipynb results/executed/train_all_variants.ipynb -k stlib -p max_steps 300`"""),
     params("""# Parameters (papermill: -p name value). None keeps the value in configs/.
 data_toml = "data/wound_healing.toml"    # State-style TOML naming your .h5ad
 base_checkpoint = "results/runs/base"    # stlib run dir, State run dir (e.g. ST-Tahoe) or .ckpt
@@ -35,7 +45,8 @@ launcher = "bash"                        # "bash" | "slurm" (writes .sbatch file
 overwrite = False                        # True: retrain finished variants (old run dirs are moved aside)
 extra_overrides = []                     # more config overrides as the CLI takes them (dot notation)
 scripts_dir = "train_scripts"            # where the scripts go (relative to the repository root)
-logs_dir = "logs"                        # where `tee` writes <variant>_training.log"""),
+logs_dir = "logs"                        # where `tee` writes <variant>_training.log
+show_tensorboard = False                 # True: TensorBoard on output_root inside this notebook (JupyterLab)"""),
     new_code_cell("""import os
 from stlib import notebook, train_scripts
 
@@ -51,6 +62,9 @@ print()
 print("\\n".join(train_scripts.parallel_commands(specs, gpus=[0, 1, 2, 3])))
 print()
 print(train_scripts.tensorboard_command(specs))"""),
+    new_code_cell("""if show_tensorboard:  # the tensorboard notebook extension; or open the command above in a terminal
+    %load_ext tensorboard
+    %tensorboard --logdir {output_root}"""),
     new_code_cell("""status = train_scripts.run_scripts(specs, overwrite=overwrite) if run_mode == "sequential" and launcher == "bash" else None"""),
     new_code_cell("""train_scripts.status_table(specs)"""),
 ])
@@ -67,7 +81,7 @@ pretrained negative control is the `baseline` variant. Every metric comes with a
 held-out groups; settings are chosen on the validation split (`stlib evaluate` on `--split val`), not here.
 Figures and CSVs land in `results/`.
 
-Batch run: `papermill notebooks/compare_results.ipynb results/executed/compare_results.ipynb -k python3`"""),
+Batch run: `papermill notebooks/compare_results.ipynb results/executed/compare_results.ipynb -k stlib`"""),
     params("""variants = ["baseline", "st_lora", "st_lora_mhc", "st_lora_velocity", "st_lora_mhc_velocity"]
 settings = ["unseen_cell_type", "unseen_mouse"]   # each trained under <runs_root>/<setting>/
 runs_root = "results/runs"
@@ -102,6 +116,6 @@ summary[["setting", "model", "n_groups", "gene_correlation", "gene_correlation_l
     new_code_cell("""for setting, paths in preds.items():
     display(notebook.umap_figure(paths, results_dir, setting))"""),
 ])
-nbf.write(train, "/work/main/notebooks/train_all_variants.ipynb")
-nbf.write(compare, "/work/main/notebooks/compare_results.ipynb")
+nbf.write(train, NOTEBOOKS / "train_all_variants.ipynb")
+nbf.write(compare, NOTEBOOKS / "compare_results.ipynb")
 print("ok")

@@ -25,6 +25,7 @@ the baselines (:mod:`stlib.evaluate.baselines`) reuse them: all are scored from 
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Sequence
@@ -152,7 +153,13 @@ def prediction_data(loaded: LoadedModel, cfg: Config, batch_size: int = 16, seed
         return cache[key]
     dm = PerturbationDataModule(cfg.data, cfg.model.cell_set_len, batch_size, pert_map=loaded.pert_map, seed=seed,
                                 need_velocity=cfg.velocity.displacement)
-    dm.setup("predict")
+    datamodule_log = logging.getLogger("stlib.data.datamodule")
+    level = datamodule_log.level
+    datamodule_log.setLevel(logging.ERROR)  # small-group warnings were the training's news, not prediction's
+    try:
+        dm.setup("predict")
+    finally:
+        datamodule_log.setLevel(level)
     if cache is not None:
         cache[key] = dm
     return dm
