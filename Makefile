@@ -7,7 +7,7 @@ STEPS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stlib-installed
 
-.PHONY: setup demo test test-fast test-browser lab bench lint clean-results
+.PHONY: setup demo test test-fast test-browser lab bench bench-scale lint clean-results
 LAB_PORT ?= 8888
 
 $(BIN)/python:
@@ -46,6 +46,10 @@ test-browser: setup
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver))
 	$(BIN)/python -m pytest -q tests/test_browser.py
+
+# The users' real size (57,298 cells, an ST-Tahoe-shaped base): every stage timed -> benchmarks/scale.md (~30 min here)
+bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale.py
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -311,3 +311,57 @@ def load_state_run(path: str | Path, checkpoint: str | None = None) -> StateRun:
         cell_type_map=maps["cell_type"], batch_map=maps["batch"], var_dims=var_dims,
         gene_names=[str(g) for g in gene_names] if gene_names is not None else None, checkpoint_path=ckpt_path,
     )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+# the inverse of BACKBONE_KEYS / MODEL_KEYS for the fields a State config spells
+_TO_BACKBONE = {ours: theirs for theirs, ours in BACKBONE_KEYS.items()}
+_TO_MODEL = {ours: theirs for theirs, ours in MODEL_KEYS.items() if "." not in ours}
+
+
+def write_state_run(run_dir: str | Path, model: StateTransitionModel, cfg: Config, data: dict,
+                    pert_names: list[str], gene_names: list[str] | None = None,
+                    decoder_hidden: list[int] | None = None) -> Path:
+    """Write `model` as a `state tx train` run dir that :func:`load_state_run` (and State) read back.
+
+    For benchmarks and tests at State's shapes without State installed (our own writer of its layout:
+    config.yaml with data/model kwargs, checkpoints/final.ckpt with state_dict + hyper_parameters, var_dims.pkl,
+    pert_onehot_map.pt). ``data``: State's data kwargs (embed_key, output_space, pert_col, control_pert, ...).
+    Only models State builds are written: residual in hidden space, the output clamp State's rule gives.
+    """
+    m, embed_key = cfg.model, data.get("embed_key")
+    has_decoder = model.gene_decoder is not None
+    if m.residual_space != "hidden":
+        raise ConfigError("write_state_run: State adds the shift in hidden space (model.residual_space=hidden)")
+    if m.output_relu != (not has_decoder or embed_key in (None, "X_hvg")):
+        raise ConfigError(f"write_state_run: State clamps outputs exactly when it has no gene decoder or reads X_hvg; "
+                          f"model.output_relu={m.output_relu} with embed_key={embed_key!r} is not what State builds")
+    run_dir = Path(run_dir)
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    backbone = {theirs: getattr(m, ours) for ours, theirs in _TO_BACKBONE.items() if getattr(m, ours) is not None}
+    backbone |= {"hidden_size": m.hidden_dim, **BACKBONE_FIXED, "use_cache": False}
+    kwargs = {theirs: getattr(m, ours) for ours, theirs in _TO_MODEL.items() if getattr(m, ours) is not None}
+    kwargs |= {"blur": cfg.loss.blur, "loss": cfg.loss.name, "transformer_backbone_key": "llama",
+               "transformer_backbone_kwargs": backbone}
+    config = {"data": {"name": "PerturbationDataModule", "kwargs": dict(data)}, "model": {"name": "state",
+                                                                                         "kwargs": kwargs}}
+    OmegaConf.save(OmegaConf.create(config), run_dir / CONFIG_FILE)
+    dims = {"input_dim": model.input_dim, "output_dim": model.input_dim, "pert_dim": len(pert_names),
+            "pert_names": list(pert_names), "gene_dim": model.gene_dim, "hvg_dim": model.gene_dim,
+            "gene_names": list(gene_names) if gene_names is not None else None}
+    hparams = {**dims, "hidden_dim": m.hidden_dim, "cell_set_len": m.cell_set_len, "embed_key": embed_key,
+               "output_space": data.get("output_space"), "control_pert": data.get("control_pert"),
+               "gene_decoder_bool": has_decoder}
+    if has_decoder:
+        hparams["decoder_cfg"] = {"latent_dim": model.input_dim, "gene_dim": model.gene_dim,
+                                  "hidden_dims": list(decoder_hidden or cfg.decoder.hidden),
+                                  "dropout": cfg.decoder.dropout, "residual_decoder": False}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "global_step": 0, "epoch": 0},
+               run_dir / CHECKPOINT_DIR / "final.ckpt")
+    with open(run_dir / VAR_DIMS_FILE, "wb") as fh:
+        pickle.dump(dims, fh)
+    from stlib.data.maps import save_map
+
+    save_map({name: i for i, name in enumerate(pert_names)}, run_dir / PERT_MAP_FILE)
+    return run_dir
