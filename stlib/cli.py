@@ -48,7 +48,8 @@ def _cmd_velocity(args) -> None:
         raise ConfigError("stlib velocity: give --pert-col and --control-pert (velocity from the control cells only, "
                           "the cells models read it from) or --all-cells (every cell shapes it, held-out ones included)")
     out = run_velocity(args.input, embed_key=args.embed_key, out_path=args.out or args.input, force=args.force,
-                       pert_col=args.pert_col, control_pert=args.control_pert, n_jobs=args.n_jobs)
+                       pert_col=args.pert_col, control_pert=args.control_pert, n_jobs=args.n_jobs,
+                       n_top_genes=args.n_top_genes or None)
     print(f"[stlib] velocity in obsm['velocity_{args.embed_key}'] and obs['velocity_confidence']: {out}")
 
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "velocity is computed from these cells only")
     p.add_argument("--all-cells", action="store_true", help="compute from every cell instead (held-out ones too)")
     p.add_argument("--n-jobs", type=int, default=1, help="processes for scvelo's velocity graph")
+    p.add_argument("--n-top-genes", type=int, default=0,
+                   help="estimate on the N most variable genes (0 = all; changes the field: benchmarks/velocity_scale.md)")
     p.set_defaults(func=_cmd_velocity)
 
     p = sub.add_parser("predict", help="predict held-out perturbed cells -> <name>_pred.h5ad + <name>_real.h5ad")

@@ -135,9 +135,12 @@ def compute_velocity(
     n_jobs: int = 1,
     pert_col: str | None = None,
     control_pert: str | None = None,
+    n_top_genes: int | None = None,
 ) -> ad.AnnData:
     """scvelo velocity projected into obsm[embed_key]; adds obsm/obs/uns keys in place and returns adata.
 
+    n_top_genes: estimate on that many most variable genes after scvelo's filter (less memory and time); None = all
+    genes that pass. Not a free speed-up: it changes the field (benchmarks/velocity_scale.md).
     pert_col / control_pert: compute from the control cells only (the others get 0); None for both: every cell.
     n_jobs: loky processes for scvelo's velocity graph, the slowest step; identical results. Each process pays
     a start-up cost, so more than one pays off on many-core nodes only."""
@@ -161,6 +164,8 @@ def compute_velocity(
             work, min_shared_counts=min_shared_counts, layers_normalize=["X", "spliced", "unspliced"]
         )
         sc.pp.log1p(work)  # X only (for the PCA behind the neighbour graph); scvelo 0.3.4 leaves this to scanpy
+        if n_top_genes is not None and work.n_vars > n_top_genes:
+            sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, subset=True)
         if work.n_vars < 2:
             raise VelocityError(f"only {work.n_vars} gene(s) pass min_shared_counts={min_shared_counts}; lower it")
         pcs = min(pcs, work.n_vars - 1)
@@ -190,6 +195,7 @@ def compute_velocity(
         "n_pcs": n_pcs,
         "pert_col": pert_col or "",
         "control_pert": "" if control_pert is None else str(control_pert),
+        "n_top_genes": "" if n_top_genes is None else int(n_top_genes),
     }
     return adata
 
@@ -242,6 +248,7 @@ def run_velocity(
     force: bool = False,
     pert_col: str | None = None,
     control_pert: str | None = None,
+    n_top_genes: int | None = None,
 ) -> Path:
     """Read an h5ad, add velocity (compute_velocity's keys), write it; reuse a cached output when valid.
 
@@ -252,11 +259,13 @@ def run_velocity(
         raise VelocityError(f"input file not found: {in_path}")
     out_path = Path(out_path) if out_path is not None else default_output_path(in_path)
     params = {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs,
-              "pert_col": pert_col or "", "control_pert": "" if control_pert is None else str(control_pert)}
+              "pert_col": pert_col or "", "control_pert": "" if control_pert is None else str(control_pert),
+              "n_top_genes": "" if n_top_genes is None else int(n_top_genes)}
     if not force and is_cached(in_path, out_path, params):
         return out_path
     adata = ad.read_h5ad(in_path)
-    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, pert_col, control_pert)
+    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, pert_col, control_pert,
+                     n_top_genes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     write_h5ad(adata, tmp)

@@ -145,3 +145,12 @@ def test_control_selection_errors_name_the_flag(raw):
         vel.compute_velocity(raw.copy(), pert_col="condition", control_pert="PBS")
     with pytest.raises(vel.VelocityError, match="both pert_col and control_pert"):
         vel.compute_velocity(raw[:50].copy(), pert_col="condition")
+
+
+@SCVELO
+def test_parallel_velocity_graph_changes_nothing(small):
+    """--n-jobs is a speed-up only: the velocity graph in two processes gives the same field."""
+    kw = {"n_neighbors": 15, "n_pcs": 10, "pert_col": "condition", "control_pert": "Sham"}
+    one = vel.compute_velocity(small.copy(), "X_state", n_jobs=1, **kw).obsm["velocity_X_state"]
+    two = vel.compute_velocity(small.copy(), "X_state", n_jobs=2, **kw).obsm["velocity_X_state"]
+    np.testing.assert_allclose(two, one, atol=1e-6)
