@@ -31,6 +31,8 @@ from stlib.evaluate.metrics import de_scores, pearson
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET_COL = "celltype_day"
+# measured on the demo's predictions, 2026-12-07; re-read it after a rerun
+NOTE = "What differs, and why: cell-eval's `pearson_delta` equals stlib's `pearson` in cell-eval's convention to 1e-7 on every row. stlib's own convention scores every model higher (0.74 vs 0.71 for held-out cell types, 0.59 vs 0.46 for held-out mice): taking the predicted shift from all controls adds the difference between the drawn controls' mean and the full mean to the model's error, largest for the small per-mouse groups. `overlap_at_50` differs from `de_overlap_50` because cell-eval picks DE genes by a test of cells against controls (pdex: Wilcoxon, FDR), stlib by the size of the mean shift; both rank the models alike."
 
 
 def with_subset_column(path: Path, out: Path) -> Path:
@@ -113,7 +115,7 @@ def main() -> None:
         "(stlib's)."), "",
         "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
         *("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
-          for row in frame.itertuples(index=False)), "",
+          for row in frame.itertuples(index=False)), "", NOTE, "",
     ])
     args.out.write_text(text)
     print(text)
