@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -102,13 +101,6 @@ def run_stage(command: list[str], log: Path) -> dict:
     return {"wall_s": time.time() - started, "peak_rss_gib": int(rss.group(1)) / 2**20 if rss else float("nan")}
 
 
-def in_process(action) -> dict:
-    started = time.time()
-    result = action()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB; the process's peak so far
-    return {"wall_s": time.time() - started, "peak_rss_gib": peak, "result": result}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cells", type=int, default=57298)
@@ -117,11 +109,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="fine-tune steps on the CPU (the projection scales them)")
     parser.add_argument("--set-len", type=int, default=64, help="cell_set_len for the CPU run (ST-Tahoe: up to 512)")
     parser.add_argument("--tiny", action="store_true", help="a small base of the same layout (test suite)")
+    parser.add_argument("--reuse", action="store_true", help="keep the study and base already in --work")
+    parser.add_argument("--velocity-args", default="", help="extra `stlib velocity` flags, e.g. '--n-top-genes 2000'")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work" / "scale")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "scale.md")
+    parser.add_argument("--only-make", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_make:
+        make_base(work, args.tiny, min(HVG, args.genes))
+        make_study(work, args.cells, args.genes, args.embed_dim)
+        return
     py = [sys.executable, "-m", "stlib"]
     rows: list[tuple[str, dict, float]] = []
 
@@ -129,18 +128,21 @@ def main() -> None:
         rows.append((name, stats, disk_mib(written) if written else 0.0))
         print(f"[bench-scale] {name}: {stats['wall_s']:.1f} s, peak {stats['peak_rss_gib']:.2f} GiB", flush=True)
 
-    stats = in_process(lambda: make_study(work, args.cells, args.genes, args.embed_dim))
-    data = stats["result"]
-    record(f"generate data ({args.cells:,} cells x {args.genes:,} genes)", stats, data)
-    stats = in_process(lambda: make_base(work, args.tiny, min(HVG, args.genes)))
-    base = stats["result"]
-    record("write the ST-Tahoe-shaped base (State run dir)", stats, base)
+    data, base = work / "study.h5ad", work / "st_tahoe_like"
+    if not (args.reuse and data.exists() and base.exists()):
+        # in a child process: the generator's peak memory is returned to the system before the stages run
+        record(f"generate data ({args.cells:,} cells x {args.genes:,} genes)", run_stage(
+            [sys.executable, __file__, "--only-make", "--cells", str(args.cells), "--genes", str(args.genes),
+             "--embed-dim", str(args.embed_dim), "--work", str(work), *(["--tiny"] if args.tiny else [])],
+            work / "logs" / "make.log"), data)
+        record("write the ST-Tahoe-shaped base (State run dir)", {"wall_s": float("nan"), "peak_rss_gib": float("nan")},
+               base)
     n_params = sum(v.numel() for v in __import__("torch").load(base / "checkpoints" / "final.ckpt", weights_only=True,
                                                                mmap=True)["state_dict"].values())
 
-    record("stlib velocity (control cells only)", run_stage(
-        [*py, "velocity", str(data), "--embed-key", "X_hvg", "--pert-col", "condition", "--control-pert", "Sham"],
-        work / "logs" / "velocity.log"), None)
+    record(f"stlib velocity (control cells only{', ' + args.velocity_args if args.velocity_args else ''})", run_stage(
+        [*py, "velocity", str(data), "--embed-key", "X_hvg", "--pert-col", "condition", "--control-pert", "Sham",
+         "--force", *shlex.split(args.velocity_args)], work / "logs" / "velocity.log"), None)
     runs = work / "runs"
     overrides = [f"data.toml_config_path={work / 'study.toml'}", f"model.init_from={base}", "data.embed_key=X_hvg",
                  *(f"data.{k}={v}" for k, v in MOUSE_COLUMNS.items()), "data.gene_layer=log1p",
@@ -178,7 +180,8 @@ def main() -> None:
          f"{min(HVG, args.genes)} genes. Velocity is written into the study file in place. Base: "
          f"{n_params / 1e6:.1f} M parameters ({disk_mib(base / 'checkpoints' / 'final.ckpt'):.0f} MiB)."), "",
         "| stage | wall (s) | peak RSS (GiB) | disk written (MiB) |", "|---|---|---|---|",
-        *(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_gib']:.2f} | {mib:.0f} |" for name, s, mib in rows), "",
+        *(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_gib']:.2f} | {mib:.0f} |".replace("| nan | nan |", "| (with the data) | |")
+          for name, s, mib in rows), "",
         "## Projection to the users' 10,000 steps", "",
         (f"- The fine-tune's steps on this CPU ran at {np.median(rates) if rates else float('nan'):.3f} steps/s "
          f"(median of the progress lines; whole run {per_step:.1f} s per step with start-up): 10,000 steps would take "
