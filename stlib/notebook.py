@@ -136,6 +136,21 @@ def baseline_comparison(groups: pd.DataFrame, results_dir: str | Path | None = "
     return out
 
 
+def tensorboard(logdir: str | Path = "results/runs", port: int | None = None):
+    """TensorBoard on `logdir` inside the notebook (tensorboard's notebook extension), from this kernel's venv.
+
+    Why not bare `%tensorboard`: it runs `tensorboard` from PATH, and a kernel started from the project's
+    kernelspec does not have the venv's bin/ on PATH, so JupyterLab would show "Could not find tensorboard"."""
+    import sys
+
+    from tensorboard import notebook as tb_notebook
+
+    binary = Path(sys.executable).with_name("tensorboard")
+    if binary.exists():
+        os.environ.setdefault("TENSORBOARD_BINARY", str(binary))
+    tb_notebook.start(f"--logdir {Path(logdir)}" + (f" --port {int(port)}" if port else ""))
+
+
 def load_all_scalars(variants: Sequence[str], runs_root: str | Path = "results/runs") -> dict[str, pd.DataFrame]:
     """TensorBoard scalars of every run that has event files (read with tensorboard's own reader)."""
     from stlib.evaluate.tensorboard import read_scalars

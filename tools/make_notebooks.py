@@ -12,6 +12,8 @@ def nb(cells):
     # the project's kernel (make setup registers it in the venv): the notebook opens on the venv's interpreter
     n.metadata["kernelspec"] = {"name": "stlib", "display_name": "Python (stlib)", "language": "python"}
     n.metadata["language_info"] = {"name": "python"}
+    for i, cell in enumerate(n.cells):  # stable ids: regenerating changes only what was edited
+        cell.id = f"cell-{i:02d}"
     return n
 
 def params(src):
@@ -62,9 +64,8 @@ print()
 print("\\n".join(train_scripts.parallel_commands(specs, gpus=[0, 1, 2, 3])))
 print()
 print(train_scripts.tensorboard_command(specs))"""),
-    new_code_cell("""if show_tensorboard:  # the tensorboard notebook extension; or open the command above in a terminal
-    %load_ext tensorboard
-    %tensorboard --logdir {output_root}"""),
+    new_code_cell("""if show_tensorboard:  # tensorboard's notebook extension, run from this kernel's venv; or the command above
+    notebook.tensorboard(output_root)"""),
     new_code_cell("""status = train_scripts.run_scripts(specs, overwrite=overwrite) if run_mode == "sequential" and launcher == "bash" else None"""),
     new_code_cell("""train_scripts.status_table(specs)"""),
 ])
