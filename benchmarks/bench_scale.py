@@ -152,7 +152,10 @@ def main() -> None:
     stats = run_stage([*py, "train", "--config", "configs/variants/st_lora.yaml", *overrides], train_log)
     record(f"stlib train st_lora ({args.steps} steps, set {args.set_len}, CPU)", stats, runs / "st_lora")
     summary = json.loads((runs / "st_lora" / "run_summary.json").read_text())
-    rates = [float(r) for r in re.findall(r"([\d.]+) steps/s", train_log.read_text())]
+    # the last progress line: seconds per step since training started (model and data loading excluded)
+    paces = [1 / float(v) if unit == "steps/s" else float(v)
+             for v, unit in re.findall(r"([\d.]+) (steps/s|s/step)", train_log.read_text())]
+    step_s = paces[-1] if paces else float("nan")
     preds = work / "predictions"
     record("stlib predict (test mice)", run_stage(
         [*py, "predict", "--run-dir", str(runs / "st_lora"), "--split", "test", "--out-dir", str(preds)],
@@ -183,9 +186,9 @@ def main() -> None:
         *(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_gib']:.2f} | {mib:.0f} |".replace("| nan | nan |", "| (with the data) | |")
           for name, s, mib in rows), "",
         "## Projection to the users' 10,000 steps", "",
-        (f"- The fine-tune's steps on this CPU ran at {np.median(rates) if rates else float('nan'):.3f} steps/s "
-         f"(median of the progress lines; whole run {per_step:.1f} s per step with start-up): 10,000 steps would take "
-         f"{10_000 / np.median(rates) / 3600 if rates else float('nan'):.0f} h here. The users train on one GPU; "
+        (f"- The fine-tune's steps on this CPU took {step_s:.1f} s each (the last progress line: since training "
+         f"started; {per_step:.1f} s per step with model and data loading): 10,000 steps would take "
+         f"{10_000 * step_s / 3600:.0f} h here. The users train on one GPU; "
          "no GPU was lent to this session, so the GPU rate is unmeasured (benchmarks/bench_gpu.py measures it)."),
         (f"- Checkpoints: {ckpt_mib:.0f} MiB in checkpoints/ after this run. Retention keeps "
          "`training.keep_checkpoints` (2) step checkpoints + last + final, so a 10,000-step run holds the same number "

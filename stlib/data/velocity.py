@@ -47,7 +47,6 @@ import scipy.sparse as sp
 from stlib.constants import VELOCITY_CONFIDENCE_KEY as CONFIDENCE_KEY
 from stlib.constants import VELOCITY_UNS_KEY as UNS_KEY
 from stlib.constants import velocity_key
-from stlib.data.io import write_h5ad
 from stlib.errors import DataError, listing
 
 PIPELINE_VERSION = "2"  # bump when the computation changes: invalidates cached files
@@ -89,6 +88,11 @@ def _quiet_scvelo():
         scv.settings.verbosity = old
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in VELOCITY_MODES:
+        raise VelocityError(f"mode={mode!r} is not one of {', '.join(VELOCITY_MODES)}")
+
+
 def _check(adata: ad.AnnData, embed_key: str, mode: str) -> None:
     missing = [k for k in ("spliced", "unspliced") if k not in adata.layers]
     if missing:
@@ -99,8 +103,7 @@ def _check(adata: ad.AnnData, embed_key: str, mode: str) -> None:
     if embed_key != "X" and embed_key not in adata.obsm:
         have = ", ".join(adata.obsm.keys()) or "none"
         raise VelocityError(f"embed_key={embed_key!r} is not in obsm (obsm keys: {have}; or use 'X')")
-    if mode not in VELOCITY_MODES:
-        raise VelocityError(f"mode={mode!r} is not one of {', '.join(VELOCITY_MODES)}")
+    _check_mode(mode)
 
 
 def _control_rows(adata: ad.AnnData, pert_col: str | None, control_pert: str | None) -> np.ndarray | None:
@@ -125,6 +128,70 @@ def _coordinates(adata: ad.AnnData, embed_key: str) -> np.ndarray:
     return x.astype(np.float64)
 
 
+def _basis(embed_key: str) -> str:
+    """scvelo's basis name for an obsm key ("X_state" -> "state"); other keys go under a temporary name."""
+    return embed_key[2:] if embed_key.startswith("X_") and embed_key != "X_" else _TMP_BASIS
+
+
+def _working_copy(spliced, unspliced, coordinates: np.ndarray, basis: str) -> ad.AnnData:
+    """The AnnData scvelo rewrites: float32 counts (X = spliced, for the PCA) and the embedding under X_<basis>."""
+    work = ad.AnnData(X=spliced.astype(np.float32),
+                      layers={"spliced": spliced.astype(np.float32), "unspliced": unspliced.astype(np.float32)})
+    work.obsm[f"X_{basis}"] = coordinates
+    return work
+
+
+def _velocity_in_place(work: ad.AnnData, basis: str, n_neighbors: int, n_pcs: int, mode: str, min_shared_counts: int,
+                       n_jobs: int, n_top_genes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """scvelo on a working copy it may rewrite -> (velocity in X_<basis> [N, D] float32, confidence [N] in [0, 1])."""
+    import scanpy as sc
+
+    pcs = min(n_pcs, work.n_vars - 1, work.n_obs - 1)
+    with _quiet_scvelo() as scv:
+        # float layers would read as "already normalised" to scvelo: name them to force normalisation
+        scv.pp.filter_and_normalize(
+            work, min_shared_counts=min_shared_counts, layers_normalize=["X", "spliced", "unspliced"]
+        )
+        sc.pp.log1p(work)  # X only (for the PCA behind the neighbour graph); scvelo 0.3.4 leaves this to scanpy
+        if n_top_genes is not None and work.n_vars > n_top_genes:
+            sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, subset=True)
+        if work.n_vars < 2:
+            raise VelocityError(f"only {work.n_vars} gene(s) pass min_shared_counts={min_shared_counts}; lower it")
+        pcs = min(pcs, work.n_vars - 1)
+        sc.pp.pca(work, n_comps=pcs, random_state=0)
+        # exact sklearn kNN + gauss kernel: no numba JIT (umap/pynndescent compile in every process); scvelo's
+        # moments binarise the graph anyway, so the kernel does not change Ms/Mu
+        sc.pp.neighbors(work, n_neighbors=n_neighbors, n_pcs=pcs, method="gauss", transformer="sklearn")
+        scv.pp.moments(work, n_pcs=pcs, n_neighbors=n_neighbors)
+        warnings.simplefilter("ignore")  # scvelo's deprecation helper re-enables DeprecationWarning globally
+        VELOCITY_MODES[mode](scv, work, n_jobs)
+        for key in ("spliced", "unspliced", "Mu", "variance_velocity"):  # read by none of the steps below: freed
+            work.layers.pop(key, None)
+        work.X = sp.csr_matrix(work.shape, dtype=np.float32)
+        scv.tl.velocity_graph(work, n_jobs=n_jobs, show_progress_bar=False)
+        scv.tl.velocity_confidence(work)
+        scv.tl.velocity_embedding(work, basis=basis, autoscale=False)
+    v = np.nan_to_num(np.asarray(work.obsm[f"velocity_{basis}"], dtype=np.float32))
+    conf = np.clip(np.nan_to_num(np.asarray(work.obs[CONFIDENCE_KEY], dtype=np.float32), nan=0.0), 0.0, 1.0)
+    return v, conf
+
+
+def _params(embed_key, mode, n_neighbors, n_pcs, pert_col, control_pert, n_top_genes) -> dict:
+    """uns["stlib_velocity"]: what made the velocity (the cache compares it)."""
+    return {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs,
+            "pert_col": pert_col or "", "control_pert": "" if control_pert is None else str(control_pert),
+            "n_top_genes": "" if n_top_genes is None else int(n_top_genes)}
+
+
+def _on_every_cell(rows: np.ndarray | None, n_cells: int, v: np.ndarray, conf: np.ndarray):
+    """Velocity of the rows it was computed on, zeros (no velocity, no weight) for every other cell."""
+    if rows is None:
+        return v, conf
+    v_all, conf_all = np.zeros((n_cells, v.shape[1]), np.float32), np.zeros(n_cells, np.float32)
+    v_all[rows], conf_all[rows] = v, conf
+    return v_all, conf_all
+
+
 def compute_velocity(
     adata: ad.AnnData,
     embed_key: str = "X_state",
@@ -146,57 +213,12 @@ def compute_velocity(
     a start-up cost, so more than one pays off on many-core nodes only."""
     _check(adata, embed_key, mode)
     rows = _control_rows(adata, pert_col, control_pert)
-    import scanpy as sc
-
     source = adata if rows is None else adata[rows]
-    work = ad.AnnData(
-        X=source.layers["spliced"].astype(np.float32),
-        layers={k: source.layers[k].astype(np.float32) for k in ("spliced", "unspliced")},
-        obs=source.obs[[]].copy(),
-        var=source.var[[]].copy(),
-    )
-    basis = embed_key[2:] if embed_key.startswith("X_") and embed_key != "X_" else _TMP_BASIS
-    work.obsm[f"X_{basis}"] = _coordinates(source, embed_key)
-    pcs = min(n_pcs, work.n_vars - 1, work.n_obs - 1)
-    with _quiet_scvelo() as scv:
-        # float layers would read as "already normalised" to scvelo: name them to force normalisation
-        scv.pp.filter_and_normalize(
-            work, min_shared_counts=min_shared_counts, layers_normalize=["X", "spliced", "unspliced"]
-        )
-        sc.pp.log1p(work)  # X only (for the PCA behind the neighbour graph); scvelo 0.3.4 leaves this to scanpy
-        if n_top_genes is not None and work.n_vars > n_top_genes:
-            sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, subset=True)
-        if work.n_vars < 2:
-            raise VelocityError(f"only {work.n_vars} gene(s) pass min_shared_counts={min_shared_counts}; lower it")
-        pcs = min(pcs, work.n_vars - 1)
-        sc.pp.pca(work, n_comps=pcs, random_state=0)
-        # exact sklearn kNN + gauss kernel: no numba JIT (umap/pynndescent compile in every process); scvelo's
-        # moments binarise the graph anyway, so the kernel does not change Ms/Mu
-        sc.pp.neighbors(work, n_neighbors=n_neighbors, n_pcs=pcs, method="gauss", transformer="sklearn")
-        scv.pp.moments(work, n_pcs=pcs, n_neighbors=n_neighbors)
-        warnings.simplefilter("ignore")  # scvelo's deprecation helper re-enables DeprecationWarning globally
-        VELOCITY_MODES[mode](scv, work, n_jobs)
-        scv.tl.velocity_graph(work, n_jobs=n_jobs, show_progress_bar=False)
-        scv.tl.velocity_confidence(work)
-        scv.tl.velocity_embedding(work, basis=basis, autoscale=False)
-    v = np.nan_to_num(np.asarray(work.obsm[f"velocity_{basis}"], dtype=np.float32))
-    conf = np.clip(np.nan_to_num(np.asarray(work.obs[CONFIDENCE_KEY], dtype=np.float32), nan=0.0), 0.0, 1.0)
-    if rows is not None:  # non-control cells: no velocity, no weight
-        v_all, conf_all = np.zeros((adata.n_obs, v.shape[1]), np.float32), np.zeros(adata.n_obs, np.float32)
-        v_all[rows], conf_all[rows] = v, conf
-        v, conf = v_all, conf_all
-    adata.obsm[velocity_key(embed_key)] = v
-    adata.obs[CONFIDENCE_KEY] = conf
-    adata.uns[UNS_KEY] = {
-        "embed_key": embed_key,
-        "version": _version(),
-        "mode": mode,
-        "n_neighbors": n_neighbors,
-        "n_pcs": n_pcs,
-        "pert_col": pert_col or "",
-        "control_pert": "" if control_pert is None else str(control_pert),
-        "n_top_genes": "" if n_top_genes is None else int(n_top_genes),
-    }
+    basis = _basis(embed_key)
+    work = _working_copy(source.layers["spliced"], source.layers["unspliced"], _coordinates(source, embed_key), basis)
+    v, conf = _velocity_in_place(work, basis, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, n_top_genes)
+    adata.obsm[velocity_key(embed_key)], adata.obs[CONFIDENCE_KEY] = _on_every_cell(rows, adata.n_obs, v, conf)
+    adata.uns[UNS_KEY] = _params(embed_key, mode, n_neighbors, n_pcs, pert_col, control_pert, n_top_genes)
     return adata
 
 
@@ -236,6 +258,92 @@ def is_cached(in_path: str | Path, out_path: str | Path, params: dict) -> bool:
     return bool(stored) and all(str(stored.get(k)) == str(v) for k, v in params.items())
 
 
+def _read_matrix(group_or_dataset, rows: np.ndarray | None):
+    """One h5ad matrix (sparse group or dense dataset), only `rows` of it: the other cells are never loaded."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem, sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, sparse_dataset
+    if isinstance(group_or_dataset, h5py.Dataset):
+        dense = read_elem(group_or_dataset)  # whole, then rows: h5py's point selection is slow for many rows
+        return dense if rows is None else dense[rows]
+    matrix = sparse_dataset(group_or_dataset)
+    return matrix[:] if rows is None else matrix[rows]
+
+
+def _read_inputs(path: Path, embed_key: str, mode: str, pert_col: str | None, control_pert: str | None):
+    """What velocity reads of an h5ad and nothing else: both count layers and the embedding of the control rows,
+    as scvelo's working copy. Returns (that AnnData, its basis, those rows or None for all, the file's cell count).
+
+    Why: a 57k-cell study file holds X, other layers and embeddings that velocity never reads; loading them
+    (4.6 GiB for the 57,298 x 3,000 benchmark study) set the command's memory floor."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    with h5py.File(path, "r") as f:
+        probe = ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))  # same checks, same messages
+        for key in ("spliced", "unspliced"):
+            if "layers" in f and key in f["layers"]:
+                probe.layers[key] = sp.csr_matrix(probe.shape, dtype=np.float32)
+        if embed_key != "X" and "obsm" in f:
+            for key in f["obsm"]:
+                probe.obsm[key] = np.zeros((probe.n_obs, 0), np.float32)
+        _check(probe, embed_key, mode)
+        rows = _control_rows(probe, pert_col, control_pert)
+        basis = _basis(embed_key)
+        coordinates = _read_matrix(f["X"] if embed_key == "X" else f[f"obsm/{embed_key}"], rows)
+        coordinates = coordinates.toarray() if sp.issparse(coordinates) else np.asarray(coordinates)
+        work = _working_copy(_read_matrix(f["layers/spliced"], rows), _read_matrix(f["layers/unspliced"], rows),
+                             coordinates.astype(np.float64), basis)
+    return work, basis, rows, probe.n_obs
+
+
+def _write_outputs(in_path: Path, out_path: Path, velocity: np.ndarray, confidence: np.ndarray, params: dict) -> None:
+    """Copy the input file and add the velocity keys to the copy, then move it into place.
+
+    Why not read, modify and rewrite the AnnData: that loads every matrix of the file. A crash mid-write never
+    leaves a file the cache would trust (the copy is renamed only when complete); an existing velocity of the same
+    shape is overwritten in place, so re-running does not grow the file."""
+    import shutil
+
+    import h5py
+
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, write_elem
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    shutil.copyfile(in_path, tmp)
+    with h5py.File(tmp, "a") as f:
+        obsm = f.require_group("obsm")
+        if "encoding-type" not in obsm.attrs:
+            obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        key = velocity_key(params["embed_key"])
+        if key in obsm and obsm[key].shape == velocity.shape and obsm[key].dtype == velocity.dtype:
+            obsm[key][...] = velocity
+        else:
+            if key in obsm:
+                del obsm[key]
+            write_elem(obsm, key, velocity)
+        obs = read_elem(f["obs"])
+        obs[CONFIDENCE_KEY] = confidence
+        del f["obs"]
+        write_elem(f, "obs", obs)
+        uns = f.require_group("uns")
+        if "encoding-type" not in uns.attrs:
+            uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        if UNS_KEY in uns:
+            del uns[UNS_KEY]
+        write_elem(uns, UNS_KEY, params)
+    os.replace(tmp, out_path)
+
+
 def run_velocity(
     in_path: str | Path,
     embed_key: str = "X_state",
@@ -250,24 +358,21 @@ def run_velocity(
     control_pert: str | None = None,
     n_top_genes: int | None = None,
 ) -> Path:
-    """Read an h5ad, add velocity (compute_velocity's keys), write it; reuse a cached output when valid.
+    """Read what velocity needs of an h5ad, add compute_velocity's keys to a copy of it; reuse a valid cached output.
 
-    Default output: `<stem>.velocity.h5ad` beside the input. out_path may be the input itself (written in
-    place, atomically). force=True recomputes even when the cache is valid."""
+    Default output: `<stem>.velocity.h5ad` beside the input. out_path may be the input itself (replaced
+    atomically). force=True recomputes even when the cache is valid. Only the control cells' count layers and
+    embedding are read (see _read_inputs); every other element of the file is copied unread."""
     in_path = Path(in_path)
     if not in_path.exists():
         raise VelocityError(f"input file not found: {in_path}")
     out_path = Path(out_path) if out_path is not None else default_output_path(in_path)
-    params = {"embed_key": embed_key, "version": _version(), "mode": mode, "n_neighbors": n_neighbors, "n_pcs": n_pcs,
-              "pert_col": pert_col or "", "control_pert": "" if control_pert is None else str(control_pert),
-              "n_top_genes": "" if n_top_genes is None else int(n_top_genes)}
+    params = _params(embed_key, mode, n_neighbors, n_pcs, pert_col, control_pert, n_top_genes)
     if not force and is_cached(in_path, out_path, params):
         return out_path
-    adata = ad.read_h5ad(in_path)
-    compute_velocity(adata, embed_key, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, pert_col, control_pert,
-                     n_top_genes)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    write_h5ad(adata, tmp)
-    os.replace(tmp, out_path)  # a crash mid-write never leaves a file the cache would trust
+    work, basis, rows, n_cells = _read_inputs(in_path, embed_key, mode, pert_col, control_pert)
+    v, conf = _velocity_in_place(work, basis, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, n_top_genes)
+    del work
+    velocity, confidence = _on_every_cell(rows, n_cells, v, conf)
+    _write_outputs(in_path, out_path, velocity, confidence, params)
     return out_path

@@ -39,7 +39,7 @@ class LineProgress(L.Callback):
         for key in ("train/loss", "val/loss", "train/grad_norm"):
             if key in metrics:
                 parts.append(f"{key}={float(metrics[key]):.4f}")
-        parts.append(f"{rate:.1f} steps/s")
+        parts.append(f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/step")  # slow runs: no 0.0
         remaining = (trainer.max_steps - step) / max(rate, 1e-9)
         parts.append(f"eta {remaining:.0f}s")
         print("[stlib] " + "  ".join(parts), flush=True)

@@ -97,8 +97,8 @@ def test_run_velocity_writes_then_hits_cache(small, tmp_path, monkeypatch):
     assert back.uns["stlib_velocity"]["embed_key"] == "X_state"
 
     calls = []
-    real = vel.compute_velocity
-    monkeypatch.setattr(vel, "compute_velocity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = vel._velocity_in_place
+    monkeypatch.setattr(vel, "_velocity_in_place", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert vel.run_velocity(src, "X_state", n_neighbors=15, n_pcs=10) == out
     assert calls == []  # cache hit
     vel.run_velocity(src, "X_state", n_neighbors=10, n_pcs=10)
@@ -154,3 +154,39 @@ def test_parallel_velocity_graph_changes_nothing(small):
     one = vel.compute_velocity(small.copy(), "X_state", n_jobs=1, **kw).obsm["velocity_X_state"]
     two = vel.compute_velocity(small.copy(), "X_state", n_jobs=2, **kw).obsm["velocity_X_state"]
     np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+@SCVELO
+def test_run_velocity_from_the_file_equals_the_in_memory_computation_and_copies_the_rest(small, tmp_path):
+    """run_velocity reads only the control cells' layers and embedding: the same velocity as compute_velocity on the
+    whole AnnData, every other element of the file unchanged, and a re-run in place does not grow the file."""
+    path = tmp_path / "study.h5ad"
+    adata = small.copy()
+    adata.obsm["X_other"] = np.arange(adata.n_obs * 3, dtype=np.float32).reshape(adata.n_obs, 3)
+    adata.write_h5ad(path)
+    kwargs = dict(n_neighbors=15, n_pcs=10, pert_col="condition", control_pert="Sham")
+    expected = vel.compute_velocity(adata.copy(), "X_state", **kwargs)
+    assert vel.run_velocity(path, "X_state", out_path=path, **kwargs) == path
+    back = ad.read_h5ad(path)
+    np.testing.assert_allclose(back.obsm["velocity_X_state"], expected.obsm["velocity_X_state"], atol=1e-6)
+    np.testing.assert_allclose(back.obs["velocity_confidence"], expected.obs["velocity_confidence"], atol=1e-6)
+    assert (back.X != adata.X).nnz == 0 and (back.layers["unspliced"] != adata.layers["unspliced"]).nnz == 0
+    np.testing.assert_array_equal(back.obsm["X_other"], adata.obsm["X_other"])
+    assert back.obs.drop(columns="velocity_confidence").equals(adata.obs)
+    assert vel.is_cached(path, path, dict(back.uns["stlib_velocity"]))
+    size = path.stat().st_size
+    vel.run_velocity(path, "X_state", out_path=path, force=True, **kwargs)
+    assert path.stat().st_size <= size + 64 * 1024  # the velocity overwritten where it was, not appended
+
+
+@SCVELO
+def test_run_velocity_names_a_missing_layer_before_reading_the_matrices(small, tmp_path):
+    path = tmp_path / "no_unspliced.h5ad"
+    adata = small.copy()
+    del adata.layers["unspliced"]
+    adata.write_h5ad(path)
+    with pytest.raises(vel.VelocityError, match=r"missing \['unspliced'\]"):
+        vel.run_velocity(path, "X_state")
+    small.write_h5ad(tmp_path / "whole.h5ad")
+    with pytest.raises(vel.VelocityError, match="embed_key='X_nope' is not in obsm"):
+        vel.run_velocity(tmp_path / "whole.h5ad", "X_nope")
