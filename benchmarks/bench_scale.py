@@ -142,7 +142,7 @@ def main() -> None:
 
     record(f"stlib velocity (control cells only{', ' + args.velocity_args if args.velocity_args else ''})", run_stage(
         [*py, "velocity", str(data), "--embed-key", "X_hvg", "--pert-col", "condition", "--control-pert", "Sham",
-         "--force", *shlex.split(args.velocity_args)], work / "logs" / "velocity.log"), None)
+         "--force", *shlex.split(args.velocity_args)], work / "logs" / "velocity.log"), data)  # a copy, renamed
     runs = work / "runs"
     overrides = [f"data.toml_config_path={work / 'study.toml'}", f"model.init_from={base}", "data.embed_key=X_hvg",
                  *(f"data.{k}={v}" for k, v in MOUSE_COLUMNS.items()), "data.gene_layer=log1p",
@@ -185,6 +185,9 @@ def main() -> None:
         "| stage | wall (s) | peak RSS (GiB) | disk written (MiB) |", "|---|---|---|---|",
         *(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_gib']:.2f} | {mib:.0f} |".replace("| nan | nan |", "| (with the data) | |")
           for name, s, mib in rows), "",
+        ("Disk written: the study file for `stlib velocity` (it adds its keys to a copy of the file and renames it "
+         "into place, so the file's size is needed again while it runs); the run dir, predictions and figures for "
+         "the others."), "",
         "## Projection to the users' 10,000 steps", "",
         (f"- The fine-tune's steps on this CPU took {step_s:.1f} s each (the last progress line: since training "
          f"started; {per_step:.1f} s per step with model and data loading): 10,000 steps would take "
