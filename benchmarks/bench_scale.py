@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,28 @@ def make_base(work: Path, tiny: bool, input_dim: int = HVG, n_perts: int = 380) 
     return write_state_run(work / "st_tahoe_like", model, Config(model=shape), data, names)
 
 
+STATE = REPO / "benchmarks" / ".venv" / "bin" / "state"  # arc-state, where benchmarks/run.py installed it
+
+
+def state_tahoe_args(work: Path, set_len: int) -> list[str]:
+    """`state tx train` of one step at ST-Tahoe's shape on the study (every cell trains: it is a base, not a study)."""
+    toml = work / "state.toml"
+    (work / "state_data").mkdir(exist_ok=True)
+    link = work / "state_data" / "study.h5ad"  # State's TOML names folders of .h5ad files
+    if not link.exists():
+        link.symlink_to(work / "study.h5ad")
+    toml.write_text(f'[datasets]\nstudy = "{work / "state_data"}"\n\n[training]\nstudy = "train"\n')
+    backbone = "model.kwargs.transformer_backbone_kwargs"
+    return [str(STATE), "tx", "train", f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg",
+            "data.kwargs.output_space=gene", *(f"data.kwargs.{k}={v}" for k, v in MOUSE_COLUMNS.items()
+                                               if k != "time_col"),
+            "data.kwargs.num_workers=0", "model=state", "model.kwargs.hidden_dim=1488", f"model.kwargs.cell_set_len={set_len}",
+            "model.kwargs.n_encoder_layers=4", "model.kwargs.n_decoder_layers=4", f"{backbone}.num_hidden_layers=6",
+            f"{backbone}.num_attention_heads=12", f"{backbone}.num_key_value_heads=12", f"{backbone}.head_dim=124",
+            f"{backbone}.intermediate_size=5952", "training.batch_size=8", "training.max_steps=1", "training.val_freq=1",
+            "training.ckpt_every_n_steps=1", "use_wandb=false", f"output_dir={work}", "name=state_tahoe"]
+
+
 def run_stage(command: list[str], log: Path) -> dict:
     """Run a command under /usr/bin/time -v: wall seconds, peak RSS (GiB) of the process tree's largest member."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +136,7 @@ def main() -> None:
     parser.add_argument("--velocity-args", default="", help="extra `stlib velocity` flags, e.g. '--n-top-genes 2000'")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work" / "scale")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "scale.md")
+    parser.add_argument("--no-state", action="store_true", help="skip the arc-state base even where it is installed")
     parser.add_argument("--only-make", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work
@@ -144,6 +168,8 @@ def main() -> None:
         [*py, "velocity", str(data), "--embed-key", "X_hvg", "--pert-col", "condition", "--control-pert", "Sham",
          "--force", *shlex.split(args.velocity_args)], work / "logs" / "velocity.log"), data)  # a copy, renamed
     runs = work / "runs"
+    for old_run in (runs, work / "runs_state", work / "state_tahoe"):  # a re-run starts its runs afresh
+        shutil.rmtree(old_run, ignore_errors=True)
     overrides = [f"data.toml_config_path={work / 'study.toml'}", f"model.init_from={base}", "data.embed_key=X_hvg",
                  *(f"data.{k}={v}" for k, v in MOUSE_COLUMNS.items()), "data.gene_layer=log1p",
                  f"output_dir={runs}", f"training.max_steps={args.steps}", f"model.cell_set_len={args.set_len}",
@@ -152,6 +178,18 @@ def main() -> None:
     stats = run_stage([*py, "train", "--config", "configs/variants/st_lora.yaml", *overrides], train_log)
     record(f"stlib train st_lora ({args.steps} steps, set {args.set_len}, CPU)", stats, runs / "st_lora")
     summary = json.loads((runs / "st_lora" / "run_summary.json").read_text())
+    if STATE.exists() and not (args.no_state or args.tiny):  # arc-state's own base at that shape, fine-tuned
+        record("state tx train at ST-Tahoe's shape (arc-state, 1 step, CPU)",
+               run_stage(state_tahoe_args(work, args.set_len), work / "logs" / "state_tahoe.log"),
+               work / "state_tahoe")
+        state_overrides = [o.replace(f"model.init_from={base}", f"model.init_from={work / 'state_tahoe'}")
+                           .replace(f"output_dir={runs}", f"output_dir={work / 'runs_state'}") for o in overrides
+                           if o != "data.gene_layer=log1p"]
+        # its decoder predicts the 2,000 genes of X_hvg, not the 3,000 of the gene layer (stlib says so and stops):
+        # fine-tuned in X_hvg space, which is HVG log-expression already
+        record(f"stlib train st_lora from the State-made base ({args.steps} steps, X_hvg space)", run_stage(
+            [*py, "train", "--config", "configs/variants/st_lora.yaml", *state_overrides,
+             "data.output_space=embedding"], work / "logs" / "train_state.log"), work / "runs_state" / "st_lora")
     # the last progress line: seconds per step since training started (model and data loading excluded)
     paces = [1 / float(v) if unit == "steps/s" else float(v)
              for v, unit in re.findall(r"([\d.]+) (steps/s|s/step)", train_log.read_text())]

@@ -172,6 +172,15 @@ def adapt_base(base: LoadedModel, dims: dict, cfg: Config, data: PerturbationDat
         if data is not None:
             start_new_decoder(model.gene_decoder, data, cfg)
         new_decoder = True
+    elif dims["gene_dim"] and model.gene_dim != dims["gene_dim"]:
+        # State's var_dims names every gene of its data, but with output_space=gene its decoder predicts hvg_dim of
+        # them (the genes of obsm['X_hvg']): the names can match while the widths do not
+        layer = f"layers['{cfg.data.gene_layer}']" if cfg.data.gene_layer else "X"
+        raise ConfigError(
+            f"the base {base.run_dir}'s gene decoder predicts {model.gene_dim} genes but the data's gene matrix "
+            f"(data.gene_layer: {layer}) has {dims['gene_dim']}: give it the genes the decoder was trained on (a State "
+            f"base with output_space=gene decodes the {model.gene_dim} genes of its obsm['X_hvg']), or set "
+            "data.output_space=embedding to fine-tune without the decoder")
     elif dims["gene_dim"] and dims["gene_names"] != (base.gene_names or dims["gene_names"]):
         raise ConfigError("the data's genes differ from the base model's gene decoder genes (order and names must "
                           "match); set data.output_space=embedding to fine-tune without the decoder")

@@ -139,6 +139,24 @@ def save_plain_checkpoint(model: nn.Module, path: Path, step: int = 0) -> None:
                 "epoch": 0}, path)
 
 
+class _NoAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." lines: a run's log says what the run did, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def _quiet_third_party() -> None:
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertising) for f in logger.filters):
+            logger.addFilter(_NoAdvertising())
+    # lightning 2.6 calls a deprecated torch pytree helper at every fit; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None = None,
           extra_callbacks: Sequence = ()) -> Path:
     """Train (or, with training.max_steps=0, just materialise) a model into {output_dir}/{name}/."""
@@ -150,6 +168,7 @@ def train(cfg: Config, overrides: Sequence[str] = (), resume: str | Path | None 
     from stlib.train.callbacks import GracefulStop, LineProgress, WeightAverage
     from stlib.train.module import STLightningModule
 
+    _quiet_third_party()
     tcfg = cfg.training
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)

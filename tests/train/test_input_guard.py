@@ -63,3 +63,26 @@ def test_a_state_run_with_causal_attention_is_refused(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(StateCheckpointError, match="bidirectional_attention=False is not supported"):
         load_state_run(run_dir)
+
+
+@pytest.mark.skipif(not STATE_FIXTURE.exists(), reason="../shared/fixtures not present")
+def test_a_gene_matrix_wider_than_the_base_decoder_stops_before_training(tmp_path):
+    """State's var_dims can name all genes while its decoder predicts fewer (hvg_dim): the widths are compared."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    shutil.copy(STATE_FIXTURE / "task.toml", tmp_path / "task.toml")
+    (tmp_path / "data").mkdir()
+    adata = ad.read_h5ad(STATE_FIXTURE / "data" / "wound.h5ad")
+    extra = ad.AnnData(X=sp.csr_matrix(np.ones((adata.n_obs, 10), np.float32)), obs=adata.obs[[]])
+    extra.var_names = [f"extra_{i}" for i in range(10)]
+    wider = ad.concat([adata, extra], axis=1, merge="first")
+    wider.obs, wider.obsm = adata.obs, adata.obsm
+    write_h5ad(wider, tmp_path / "data" / "wound.h5ad")
+    overrides = [f"model.init_from={STATE_FIXTURE}", f"data.toml_config_path={tmp_path / 'task.toml'}",
+                 "data.embed_key=X_emb", "data.cell_type_key=cell_type", "data.output_space=gene", "data.gene_layer=null",
+                 "model.cell_set_len=16", f"output_dir={tmp_path / 'runs'}", "name=wider", "training.max_steps=2"]
+    with pytest.raises(ConfigError, match=r"gene decoder predicts 50 genes but the data's gene matrix \(data.gene_layer: "
+                                          r"X\) has 60.*output_space=embedding"):
+        prepare_run(load_config(REPO / "configs" / "variants" / "st_lora.yaml", overrides))
+    assert not (tmp_path / "runs" / "wider" / "checkpoints").exists()
