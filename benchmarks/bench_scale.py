@@ -236,6 +236,13 @@ def main() -> None:
          "of files of the same size: the disk does not grow with the steps."),
         "",
     ]
+    if (work / "runs_state" / "st_lora").exists():
+        lines[-1:-1] = [
+            (f"- arc-state's own base at this shape: its checkpoints/ hold "
+             f"{disk_mib(work / 'state_tahoe' / 'checkpoints'):.0f} MiB after one step (whole weights and optimizer "
+             f"state per file); stlib's LoRA fine-tune of it {disk_mib(work / 'runs_state' / 'st_lora' / 'checkpoints'):.0f}"
+             " MiB (what trains, the base named by hash). It loads strictly and fine-tunes in X_hvg space: its gene "
+             "decoder predicts the 2,000 X_hvg genes, and stlib stops before training if given the 3,000-gene layer.")]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
