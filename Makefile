@@ -45,7 +45,7 @@ lab: setup
 test-browser: setup
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver))
-	$(BIN)/python -m pytest -q tests/test_browser.py
+	STLIB_SCREENSHOTS=docs/figures $(BIN)/python -m pytest -q tests/test_browser.py
 
 # The users' real size (57,298 cells, an ST-Tahoe-shaped base): every stage timed -> benchmarks/scale.md (~30 min here)
 bench-scale: setup

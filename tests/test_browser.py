@@ -3,7 +3,8 @@
 JupyterLab runs headless on localhost with a token; Debian's chromium, driven by Selenium through Debian's
 chromium-driver, opens each notebook as a person would and checks what they would see: the kernel's name, the
 cells' outputs, every figure decoded as an image, no error. The kernel is also started and run through the
-server's API. Screenshots are written to docs/figures/. `make test-browser` installs chromium; without it (or
+server's API. Screenshots go to $STLIB_SCREENSHOTS (`make test-browser` sets docs/figures/; `make test`
+leaves the tree as it was: a temporary folder). `make test-browser` installs chromium; without it (or
 selenium) the test is skipped and says why.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -31,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
                        "(make test-browser installs them)"),
 ]
-SCREENSHOTS = REPO / "docs" / "figures"
+SCREENSHOTS = Path(os.environ.get("STLIB_SCREENSHOTS") or tempfile.mkdtemp(prefix="stlib_screens_"))
 KERNEL_DISPLAY = "Python (stlib)"
 
 
