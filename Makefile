@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "from stlib.adapters.mhc_kernels import compile_kernels; compile_kernels()"  # mHC CPU kernels, ~20 s once
 	# the project's Jupyter kernel, inside the venv: the notebooks name it, so they open on this interpreter
 	$(BIN)/python -m ipykernel install --sys-prefix --name stlib --display-name "Python (stlib)"
+	# ipykernel warns at every start that local TCP is unencrypted: one third-party line in every notebook run's log
+	$(BIN)/python -c "import json, pathlib, sys; p = pathlib.Path(sys.prefix, 'share/jupyter/kernels/stlib/kernel.json'); k = json.loads(p.read_text()); k['argv'] += ['--IPKernelApp.log_level=ERROR']; p.write_text(json.dumps(k, indent=1))"
 	@touch $(STAMP)
 
 setup: $(STAMP)

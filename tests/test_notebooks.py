@@ -54,3 +54,20 @@ def test_papermill_sees_every_notebook_parameter(notebook):
     assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
     assert assigned, "the parameters cell assigns nothing"
     assert set(papermill.inspect_notebook(str(REPO / "notebooks" / notebook))) == assigned
+
+
+def test_a_notebook_run_logs_no_kernel_chatter(tmp_path):
+    """papermill on the project's kernel: a run's log holds the notebook's output, not ipykernel's warnings."""
+    import subprocess
+    import sys
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nbformat.write(new_notebook(cells=[new_code_cell("print('hello from stlib')")]), tmp_path / "in.ipynb")
+    done = subprocess.run([sys.executable, "-m", "papermill", "-k", "stlib", "--log-output", "--no-progress-bar",
+                           str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb")], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hello from stlib" in done.stdout + done.stderr
+    assert "without encryption" not in done.stdout + done.stderr
