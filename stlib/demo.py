@@ -15,6 +15,8 @@ from pathlib import Path
 
 from stlib.constants import KERNEL_NAME
 from stlib.notebook import export_html, find_repo_root
+from stlib.train.freshness import newer_inputs
+from stlib.train_scripts import move_aside
 
 DATA_DIR = Path("data")
 RESULTS = Path("results")
@@ -73,7 +75,12 @@ def run_demo(max_steps: int | None = None, root: str | Path = ".", seed: int = 0
 
     stage("make-data", all(p.exists() for p in (*SETTINGS.values(), DATA_DIR / "source_perturbations.toml")),
           make_data)
-    stage("pretrain base on the source domain", (RUNS / "base" / "checkpoints" / "final.ckpt").exists(),
+    changed = newer_inputs(RUNS / "base")
+    if changed:  # pretrained on data since remade: a fresh base, the old one kept aside
+        print(f"[stlib demo] {', '.join(map(str, changed))} changed after the base trained: the old base moved to "
+              f"{move_aside(RUNS / 'base')}", flush=True)
+    base_done = (RUNS / "base" / "checkpoints" / "final.ckpt").exists()
+    stage("pretrain base on the source domain", base_done,
           lambda: _stlib(["pretrain", "--config", "configs/pretrain.yaml"], LOGS / "base_pretraining.log"))
     stage("RNA velocity (scvelo) in the model's space", False,
           lambda: _stlib(["velocity", str(DATA_DIR / "wound_healing.h5ad"), "--embed-key", "X_state",

@@ -27,6 +27,7 @@ import pandas as pd
 from stlib.config import load_config, parse_overrides
 from stlib.constants import VARIANTS
 from stlib.errors import ConfigError
+from stlib.train.freshness import newer_inputs
 
 _FIND_STLIB = """\
 # Use the repository's virtual environment when there is one; STLIB=... overrides.
@@ -135,7 +136,8 @@ def tensorboard_command(specs: Sequence[ScriptSpec]) -> str:
     return "tensorboard --logdir " + ",".join(roots)
 
 
-def _move_aside(run_dir: Path) -> Path:
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run dir out of the way (never deleted): its checkpoints and logs stay readable."""
     target = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(target)
     return target
@@ -193,11 +195,15 @@ def run_scripts(specs: Sequence[ScriptSpec], root: str | Path = ".", overwrite: 
     for spec in specs:
         run_dir = root / spec.run_dir
         if (run_dir / "checkpoints" / "final.ckpt").exists():
-            if not overwrite:
+            changed = newer_inputs(run_dir, root)
+            if not overwrite and not changed:
                 print(f"== {spec.variant}: already trained ({run_dir}/checkpoints/final.ckpt), skipped", file=stream)
                 rows.append(status_row(spec, root, "skipped (done)"))
                 continue
-            print(f"== {spec.variant}: moved the old run to {_move_aside(run_dir)}", file=stream)
+            if changed:
+                print(f"== {spec.variant}: {', '.join(map(str, changed[:3]))} changed after it trained: retraining",
+                      file=stream)
+            print(f"== {spec.variant}: moved the old run to {move_aside(run_dir)}", file=stream)
         print(f"== {spec.variant}: bash {spec.path} 2>&1 | tee {spec.log}", file=stream, flush=True)
         started = time.time()
         try:
