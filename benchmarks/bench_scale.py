@@ -93,12 +93,14 @@ STATE = REPO / "benchmarks" / ".venv" / "bin" / "state"  # arc-state, where benc
 
 def state_tahoe_args(work: Path, set_len: int) -> list[str]:
     """`state tx train` of one step at ST-Tahoe's shape on the study (every cell trains: it is a base, not a study)."""
-    toml = work / "state.toml"
+    from stlib.data.synthetic import write_state_toml
+
     (work / "state_data").mkdir(exist_ok=True)
     link = work / "state_data" / "study.h5ad"  # State's TOML names folders of .h5ad files
     if not link.exists():
         link.symlink_to(work / "study.h5ad")
-    toml.write_text(f'[datasets]\nstudy = "{work / "state_data"}"\n\n[training]\nstudy = "train"\n')
+    toml = write_state_toml(work / "state.toml", datasets={"study": str(work / "state_data")},
+                            training={"study": "train"})
     backbone = "model.kwargs.transformer_backbone_kwargs"
     return [str(STATE), "tx", "train", f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg",
             "data.kwargs.output_space=gene", *(f"data.kwargs.{k}={v}" for k, v in MOUSE_COLUMNS.items()
@@ -170,26 +172,27 @@ def main() -> None:
     runs = work / "runs"
     for old_run in (runs, work / "runs_state", work / "state_tahoe"):  # a re-run starts its runs afresh
         shutil.rmtree(old_run, ignore_errors=True)
-    overrides = [f"data.toml_config_path={work / 'study.toml'}", f"model.init_from={base}", "data.embed_key=X_hvg",
-                 *(f"data.{k}={v}" for k, v in MOUSE_COLUMNS.items()), "data.gene_layer=log1p",
-                 f"output_dir={runs}", f"training.max_steps={args.steps}", f"model.cell_set_len={args.set_len}",
-                 "training.progress_bar=false"]
+
+    def train_command(init_from: Path, output_dir: Path, *extra: str) -> list[str]:
+        """`stlib train` of st_lora from a base on the study, a few steps on the CPU."""
+        return [*py, "train", "--config", "configs/variants/st_lora.yaml", f"data.toml_config_path={work / 'study.toml'}",
+                f"model.init_from={init_from}", "data.embed_key=X_hvg", *(f"data.{k}={v}" for k, v in MOUSE_COLUMNS.items()),
+                f"output_dir={output_dir}", f"training.max_steps={args.steps}", f"model.cell_set_len={args.set_len}",
+                "training.progress_bar=false", *extra]
+
     train_log = work / "logs" / "train.log"
-    stats = run_stage([*py, "train", "--config", "configs/variants/st_lora.yaml", *overrides], train_log)
+    stats = run_stage(train_command(base, runs, "data.gene_layer=log1p"), train_log)
     record(f"stlib train st_lora ({args.steps} steps, set {args.set_len}, CPU)", stats, runs / "st_lora")
     summary = json.loads((runs / "st_lora" / "run_summary.json").read_text())
     if STATE.exists() and not (args.no_state or args.tiny):  # arc-state's own base at that shape, fine-tuned
         record("state tx train at ST-Tahoe's shape (arc-state, 1 step, CPU)",
                run_stage(state_tahoe_args(work, args.set_len), work / "logs" / "state_tahoe.log"),
                work / "state_tahoe")
-        state_overrides = [o.replace(f"model.init_from={base}", f"model.init_from={work / 'state_tahoe'}")
-                           .replace(f"output_dir={runs}", f"output_dir={work / 'runs_state'}") for o in overrides
-                           if o != "data.gene_layer=log1p"]
         # its decoder predicts the 2,000 genes of X_hvg, not the 3,000 of the gene layer (stlib says so and stops):
         # fine-tuned in X_hvg space, which is HVG log-expression already
         record(f"stlib train st_lora from the State-made base ({args.steps} steps, X_hvg space)", run_stage(
-            [*py, "train", "--config", "configs/variants/st_lora.yaml", *state_overrides,
-             "data.output_space=embedding"], work / "logs" / "train_state.log"), work / "runs_state" / "st_lora")
+            train_command(work / "state_tahoe", work / "runs_state", "data.output_space=embedding"),
+            work / "logs" / "train_state.log"), work / "runs_state" / "st_lora")
     # the last progress line: seconds per step since training started (model and data loading excluded)
     paces = [1 / float(v) if unit == "steps/s" else float(v)
              for v, unit in re.findall(r"([\d.]+) (steps/s|s/step)", train_log.read_text())]

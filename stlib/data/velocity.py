@@ -42,6 +42,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from stlib.constants import VELOCITY_CONFIDENCE_KEY as CONFIDENCE_KEY
@@ -88,33 +89,30 @@ def _quiet_scvelo():
         scv.settings.verbosity = old
 
 
-def _check_mode(mode: str) -> None:
+def _check(layers, obsm, embed_key: str, mode: str) -> None:
+    """The layers and embedding velocity reads are there (names of an AnnData's, or an h5ad file's, layers and obsm)."""
+    missing = [k for k in ("spliced", "unspliced") if k not in layers]
+    if missing:
+        have = ", ".join(layers) or "none"
+        raise VelocityError(
+            f"RNA velocity needs layers['spliced'] and layers['unspliced']; missing {missing} (layers present: {have})"
+        )
+    if embed_key != "X" and embed_key not in obsm:
+        have = ", ".join(obsm) or "none"
+        raise VelocityError(f"embed_key={embed_key!r} is not in obsm (obsm keys: {have}; or use 'X')")
     if mode not in VELOCITY_MODES:
         raise VelocityError(f"mode={mode!r} is not one of {', '.join(VELOCITY_MODES)}")
 
 
-def _check(adata: ad.AnnData, embed_key: str, mode: str) -> None:
-    missing = [k for k in ("spliced", "unspliced") if k not in adata.layers]
-    if missing:
-        have = ", ".join(adata.layers.keys()) or "none"
-        raise VelocityError(
-            f"RNA velocity needs layers['spliced'] and layers['unspliced']; missing {missing} (layers present: {have})"
-        )
-    if embed_key != "X" and embed_key not in adata.obsm:
-        have = ", ".join(adata.obsm.keys()) or "none"
-        raise VelocityError(f"embed_key={embed_key!r} is not in obsm (obsm keys: {have}; or use 'X')")
-    _check_mode(mode)
-
-
-def _control_rows(adata: ad.AnnData, pert_col: str | None, control_pert: str | None) -> np.ndarray | None:
+def _control_rows(obs: pd.DataFrame, pert_col: str | None, control_pert: str | None) -> np.ndarray | None:
     """Rows of the control cells, or None (every cell) when neither is given."""
     if pert_col is None and control_pert is None:
         return None
     if not pert_col or control_pert is None:
         raise VelocityError("give both pert_col and control_pert (--pert-col, --control-pert), or neither")
-    if pert_col not in adata.obs:
-        raise VelocityError(f"--pert-col {pert_col!r} is not an obs column; obs columns: {listing(adata.obs.columns)}")
-    values = adata.obs[pert_col].astype(str).to_numpy()
+    if pert_col not in obs:
+        raise VelocityError(f"--pert-col {pert_col!r} is not an obs column; obs columns: {listing(obs.columns)}")
+    values = obs[pert_col].astype(str).to_numpy()
     rows = np.flatnonzero(values == str(control_pert))
     if len(rows) < 3:
         raise VelocityError(f"--control-pert {control_pert!r} marks {len(rows)} cell(s) in obs[{pert_col!r}]; values "
@@ -122,10 +120,9 @@ def _control_rows(adata: ad.AnnData, pert_col: str | None, control_pert: str | N
     return rows
 
 
-def _coordinates(adata: ad.AnnData, embed_key: str) -> np.ndarray:
-    x = adata.X if embed_key == "X" else adata.obsm[embed_key]
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    return x.astype(np.float64)
+def _dense64(x) -> np.ndarray:
+    """The model's space as scvelo's velocity_embedding reads it: dense float64."""
+    return (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float64)
 
 
 def _basis(embed_key: str) -> str:
@@ -211,11 +208,12 @@ def compute_velocity(
     pert_col / control_pert: compute from the control cells only (the others get 0); None for both: every cell.
     n_jobs: loky processes for scvelo's velocity graph, the slowest step; identical results. Each process pays
     a start-up cost, so more than one pays off on many-core nodes only."""
-    _check(adata, embed_key, mode)
-    rows = _control_rows(adata, pert_col, control_pert)
+    _check(adata.layers, adata.obsm, embed_key, mode)
+    rows = _control_rows(adata.obs, pert_col, control_pert)
     source = adata if rows is None else adata[rows]
     basis = _basis(embed_key)
-    work = _working_copy(source.layers["spliced"], source.layers["unspliced"], _coordinates(source, embed_key), basis)
+    space = source.X if embed_key == "X" else source.obsm[embed_key]
+    work = _working_copy(source.layers["spliced"], source.layers["unspliced"], _dense64(space), basis)
     v, conf = _velocity_in_place(work, basis, n_neighbors, n_pcs, mode, min_shared_counts, n_jobs, n_top_genes)
     adata.obsm[velocity_key(embed_key)], adata.obs[CONFIDENCE_KEY] = _on_every_cell(rows, adata.n_obs, v, conf)
     adata.uns[UNS_KEY] = _params(embed_key, mode, n_neighbors, n_pcs, pert_col, control_pert, n_top_genes)
@@ -239,12 +237,8 @@ def _cached_params(path: Path) -> dict | None:
     import h5py
 
     try:
-        from anndata.io import read_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem
-    try:
         with h5py.File(path, "r") as f:
-            return read_elem(f[f"uns/{UNS_KEY}"]) if f"uns/{UNS_KEY}" in f else None
+            return ad.io.read_elem(f[f"uns/{UNS_KEY}"]) if f"uns/{UNS_KEY}" in f else None
     except OSError:
         return None
 
@@ -262,14 +256,10 @@ def _read_matrix(group_or_dataset, rows: np.ndarray | None):
     """One h5ad matrix (sparse group or dense dataset), only `rows` of it: the other cells are never loaded."""
     import h5py
 
-    try:
-        from anndata.io import read_elem, sparse_dataset
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem, sparse_dataset
     if isinstance(group_or_dataset, h5py.Dataset):
-        dense = read_elem(group_or_dataset)  # whole, then rows: h5py's point selection is slow for many rows
+        dense = ad.io.read_elem(group_or_dataset)  # whole, then rows: h5py's point selection is slow for many rows
         return dense if rows is None else dense[rows]
-    matrix = sparse_dataset(group_or_dataset)
+    matrix = ad.io.sparse_dataset(group_or_dataset)
     return matrix[:] if rows is None else matrix[rows]
 
 
@@ -281,26 +271,23 @@ def _read_inputs(path: Path, embed_key: str, mode: str, pert_col: str | None, co
     (4.6 GiB for the 57,298 x 3,000 benchmark study) set the command's memory floor."""
     import h5py
 
-    try:
-        from anndata.io import read_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem
     with h5py.File(path, "r") as f:
-        probe = ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))  # same checks, same messages
-        for key in ("spliced", "unspliced"):
-            if "layers" in f and key in f["layers"]:
-                probe.layers[key] = sp.csr_matrix(probe.shape, dtype=np.float32)
-        if embed_key != "X" and "obsm" in f:
-            for key in f["obsm"]:
-                probe.obsm[key] = np.zeros((probe.n_obs, 0), np.float32)
-        _check(probe, embed_key, mode)
-        rows = _control_rows(probe, pert_col, control_pert)
+        _check(f["layers"].keys() if "layers" in f else [], f["obsm"].keys() if "obsm" in f else [], embed_key, mode)
+        obs = ad.io.read_elem(f["obs"])
+        rows = _control_rows(obs, pert_col, control_pert)
         basis = _basis(embed_key)
-        coordinates = _read_matrix(f["X"] if embed_key == "X" else f[f"obsm/{embed_key}"], rows)
-        coordinates = coordinates.toarray() if sp.issparse(coordinates) else np.asarray(coordinates)
+        space = _read_matrix(f["X"] if embed_key == "X" else f[f"obsm/{embed_key}"], rows)
         work = _working_copy(_read_matrix(f["layers/spliced"], rows), _read_matrix(f["layers/unspliced"], rows),
-                             coordinates.astype(np.float64), basis)
-    return work, basis, rows, probe.n_obs
+                             _dense64(space), basis)
+    return work, basis, rows, len(obs)
+
+
+def _dict_group(f, name: str):
+    """An h5ad's obsm or uns group, created as anndata encodes it when the file has none."""
+    group = f.require_group(name)
+    if "encoding-type" not in group.attrs:
+        group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    return group
 
 
 def _write_outputs(in_path: Path, out_path: Path, velocity: np.ndarray, confidence: np.ndarray, params: dict) -> None:
@@ -313,34 +300,26 @@ def _write_outputs(in_path: Path, out_path: Path, velocity: np.ndarray, confiden
 
     import h5py
 
-    try:
-        from anndata.io import read_elem, write_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem, write_elem
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     shutil.copyfile(in_path, tmp)
     with h5py.File(tmp, "a") as f:
-        obsm = f.require_group("obsm")
-        if "encoding-type" not in obsm.attrs:
-            obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        obsm = _dict_group(f, "obsm")
         key = velocity_key(params["embed_key"])
         if key in obsm and obsm[key].shape == velocity.shape and obsm[key].dtype == velocity.dtype:
             obsm[key][...] = velocity
         else:
             if key in obsm:
                 del obsm[key]
-            write_elem(obsm, key, velocity)
-        obs = read_elem(f["obs"])
+            ad.io.write_elem(obsm, key, velocity)
+        obs = ad.io.read_elem(f["obs"])
         obs[CONFIDENCE_KEY] = confidence
         del f["obs"]
-        write_elem(f, "obs", obs)
-        uns = f.require_group("uns")
-        if "encoding-type" not in uns.attrs:
-            uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        ad.io.write_elem(f, "obs", obs)
+        uns = _dict_group(f, "uns")
         if UNS_KEY in uns:
             del uns[UNS_KEY]
-        write_elem(uns, UNS_KEY, params)
+        ad.io.write_elem(uns, UNS_KEY, params)
     os.replace(tmp, out_path)
 
 

@@ -18,6 +18,7 @@ def run_inputs(run_dir: str | Path, root: str | Path = ".") -> list[Path]:
     from stlib.config import load_config
     from stlib.data.splits import load_split_config
     from stlib.errors import StlibError
+    from stlib.models.checkpoints import find_checkpoint, split_model_path
 
     run_dir, root = Path(run_dir), Path(root)
     inputs: list[Path] = []
@@ -31,10 +32,9 @@ def run_inputs(run_dir: str | Path, root: str | Path = ".") -> list[Path]:
         base = run_dir / BASE_FILE
         if base.is_file():  # a lean fine-tune names its base's checkpoint
             inputs.append(Path(json.loads(base.read_text())["checkpoint"]))
-        elif cfg.model.init_from:  # a full fine-tune names the base it started from
+        elif cfg.model.init_from:  # a full fine-tune: the checkpoint its base resolves to, as the loader finds it
             start = Path(cfg.model.init_from)
-            start = start if start.is_absolute() else root / start
-            inputs.append(start if start.is_file() else start / CHECKPOINT_DIR / FINAL_CHECKPOINT)
+            inputs.append(find_checkpoint(*split_model_path(start if start.is_absolute() else root / start)))
     except (OSError, KeyError, StlibError, ValueError):
         pass  # a run dir stlib cannot read is judged by its checkpoint alone
     return inputs

@@ -164,7 +164,7 @@ def test_run_velocity_from_the_file_equals_the_in_memory_computation_and_copies_
     adata = small.copy()
     adata.obsm["X_other"] = np.arange(adata.n_obs * 3, dtype=np.float32).reshape(adata.n_obs, 3)
     adata.write_h5ad(path)
-    kwargs = dict(n_neighbors=15, n_pcs=10, pert_col="condition", control_pert="Sham")
+    kwargs = {"n_neighbors": 15, "n_pcs": 10, "pert_col": "condition", "control_pert": "Sham"}
     expected = vel.compute_velocity(adata.copy(), "X_state", **kwargs)
     assert vel.run_velocity(path, "X_state", out_path=path, **kwargs) == path
     back = ad.read_h5ad(path)

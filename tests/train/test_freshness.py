@@ -21,7 +21,8 @@ def _finished_run(root, with_base=True):
     base_ckpt.write_bytes(b"base")
     run_dir = root / "runs" / "st_lora"
     (run_dir / "checkpoints").mkdir(parents=True)
-    cfg = load_config(None, ["data.toml_config_path=data/study.toml"])
+    init_from = [] if with_base else ["model.init_from=base"]  # a full fine-tune: no base.json, the config names it
+    cfg = load_config(None, ["data.toml_config_path=data/study.toml", *init_from])
     save_config(cfg, run_dir / "config.yaml")
     if with_base:
         (run_dir / "base.json").write_text(json.dumps({"checkpoint": str(base_ckpt)}))
@@ -48,6 +49,13 @@ def test_remade_data_or_a_retrained_base_makes_the_run_stale(tmp_path):
     assert newer_inputs(run_dir, tmp_path) == [data.resolve()]
     _touch(base_ckpt)
     assert set(newer_inputs(run_dir, tmp_path)) == {data.resolve(), base_ckpt}
+
+
+def test_a_full_fine_tune_is_stale_when_the_base_it_started_from_retrained(tmp_path):
+    run_dir, _, base_ckpt = _finished_run(tmp_path, with_base=False)
+    assert newer_inputs(run_dir, tmp_path) == []
+    _touch(base_ckpt)
+    assert newer_inputs(run_dir, tmp_path) == [tmp_path / "base" / "checkpoints" / "final.ckpt"]
 
 
 def test_run_scripts_retrains_a_stale_run_and_keeps_the_old_one(tmp_path):
